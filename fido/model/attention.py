@@ -1,0 +1,78 @@
+"""T5 attention with a configurable number of key/value heads: MHA, grouped-query (GQA), multi-query.
+
+Shape glossary: B batch, T query length, S key length, D model width, H query heads,
+K key/value heads (H % K == 0), G = H // K query heads per key/value head, E = d_kv (head width).
+
+Parameters (no biases, T5 convention):
+  query  [D, H, E]   initialised with std (D * E)**-0.5: T5 folds the 1/sqrt(E) logit scale into it
+  key    [D, K, E]   or [D, E] when K == 1 (multi-query: no head axis, FiDO §3.2)
+  value  same as key
+  output [H, E, D]
+"""
+
+import haiku as hk
+import jax
+import jax.numpy as jnp
+import jmp
+
+from fido.model.layers import dropout
+
+
+def _grouped(bias_BxHxTxS: jax.Array, num_kv_heads: int) -> jax.Array:
+  """Reshapes a bias broadcastable to [B, H, T, S] into one broadcastable to [B, K, G, T, S]."""
+  b, h, t, s = bias_BxHxTxS.shape
+  if h == 1:
+    return bias_BxHxTxS[:, :, None]
+  return bias_BxHxTxS.reshape(b, num_kv_heads, h // num_kv_heads, t, s)
+
+
+class Attention(hk.Module):
+  """Dot-product attention whose query heads share K key/value heads (no logit scaling, as T5)."""
+
+  def __init__(self, d_model: int, num_heads: int, num_kv_heads: int, d_kv: int,
+               dropout_rate: float, policy: jmp.Policy, name: str):
+    super().__init__(name=name)
+    assert num_heads % num_kv_heads == 0, (num_heads, num_kv_heads)
+    self.d_model = d_model  # the width of the residual stream this attention writes into
+    self.num_heads = num_heads
+    self.num_kv_heads = num_kv_heads
+    self.d_kv = d_kv
+    self.dropout_rate = dropout_rate
+    self.policy = policy
+
+  def _kv_param(self, name: str, d_in: int) -> jax.Array:
+    """A key or value projection as [D, K, E]; stored without the head axis when K == 1."""
+    init = hk.initializers.RandomNormal(d_in**-0.5)
+    if self.num_kv_heads == 1:
+      w_DxE = hk.get_parameter(name, [d_in, self.d_kv], jnp.float32, init=init)
+      return w_DxE[:, None, :]
+    return hk.get_parameter(name, [d_in, self.num_kv_heads, self.d_kv], jnp.float32, init=init)
+
+  def project_kv(self, x_BxSxD: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Keys and values [B, S, K, E] of `x` (the encoder output for cross-attention)."""
+    d_in = x_BxSxD.shape[-1]
+    w_k, w_v = self.policy.cast_to_compute((self._kv_param('key', d_in), self._kv_param('value', d_in)))
+    k_BxSxKxE = jnp.einsum('bsd,dke->bske', x_BxSxD, w_k)
+    v_BxSxKxE = jnp.einsum('bsd,dke->bske', x_BxSxD, w_v)
+    return k_BxSxKxE, v_BxSxKxE
+
+  def project_query(self, x_BxTxD: jax.Array) -> jax.Array:
+    d_in = x_BxTxD.shape[-1]
+    w_q = hk.get_parameter('query', [d_in, self.num_heads, self.d_kv], jnp.float32,
+                           init=hk.initializers.RandomNormal((d_in * self.d_kv)**-0.5))
+    return jnp.einsum('btd,dhe->bthe', x_BxTxD, self.policy.cast_to_compute(w_q))
+
+  def attend(self, q_BxTxHxE: jax.Array, k_BxSxKxE: jax.Array, v_BxSxKxE: jax.Array,
+             bias: jax.Array, *, is_training: bool) -> jax.Array:
+    """softmax(q k^T + bias) v, then the output projection; `bias` is float32 [B|1, H|1, T|1, S]."""
+    b, t, h, e = q_BxTxHxE.shape
+    k = self.num_kv_heads
+    q_BxTxKxGxE = q_BxTxHxE.reshape(b, t, k, h // k, e)
+    logits = jnp.einsum('btkge,bske->bkgts', q_BxTxKxGxE, k_BxSxKxE,
+                        preferred_element_type=jnp.float32)
+    weights = jax.nn.softmax(logits + _grouped(bias, k), axis=-1)
+    weights = dropout(weights, self.dropout_rate, is_training).astype(v_BxSxKxE.dtype)
+    out_BxTxKxGxE = jnp.einsum('bkgts,bske->btkge', weights, v_BxSxKxE)
+    w_o = hk.get_parameter('output', [h, e, self.d_model], jnp.float32,
+                           init=hk.initializers.RandomNormal((h * e)**-0.5))
+    return jnp.einsum('bthe,hed->btd', out_BxTxKxGxE.reshape(b, t, h, e), self.policy.cast_to_compute(w_o))
