@@ -1,0 +1,177 @@
+"""Greedy and beam-search decoding: encode once, then one jit-compiled loop over cached decoder steps.
+
+Shape glossary: B batch, W beams, M max decode length, V vocabulary, P passages, L passage length.
+
+Both searches run entirely inside `jax.lax.while_loop` (no Python per token) and stop early once every
+row is finished. Tokens after a row's EOS are the pad id 0; `lengths` count tokens up to and including
+the EOS (M when a row never emits EOS).
+"""
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from fido.model.fid import FiDFunctions
+
+PAD_ID = 0
+EOS_ID = 1
+_NEG_INF = -1.0e7  # finite, so that -inf - -inf never produces NaN in the scores
+
+
+class DecodeOutput(NamedTuple):
+  tokens: jax.Array   # int32 [B, M]
+  lengths: jax.Array  # int32 [B]
+  scores: jax.Array   # float32 [B]: sum of token log-probabilities (greedy) or the beam score
+
+
+def _first_eos_lengths(tokens_BxM: jax.Array, eos_id: int) -> jax.Array:
+  is_eos_BxM = tokens_BxM == eos_id
+  first_eos_B = jnp.argmax(is_eos_BxM, axis=1)
+  return jnp.where(is_eos_BxM.any(axis=1), first_eos_B + 1, tokens_BxM.shape[1]).astype(jnp.int32)
+
+
+def greedy_decode(model: FiDFunctions, params, passage_ids_BxPxL: jax.Array,
+                  passage_mask_BxPxL: jax.Array, *, max_length: int, eos_id: int = EOS_ID,
+                  stop_at_eos: bool = True) -> DecodeOutput:
+  """Greedy decoding; `stop_at_eos=False` always runs M steps (for benchmarks on random weights)."""
+  enc_BxSxD, enc_mask_BxS = model.encode(params, passage_ids_BxPxL, passage_mask_BxPxL)
+  return greedy_decode_from_encoding(model, params, enc_BxSxD, enc_mask_BxS,
+                                     max_length=max_length, eos_id=eos_id, stop_at_eos=stop_at_eos)
+
+
+def greedy_decode_from_encoding(model: FiDFunctions, params, enc_BxSxD: jax.Array,
+                                enc_mask_BxS: jax.Array, *, max_length: int, eos_id: int = EOS_ID,
+                                stop_at_eos: bool = True) -> DecodeOutput:
+  """The decoder half of `greedy_decode`: cross-attention K/V projection plus the token loop."""
+  batch = enc_BxSxD.shape[0]
+  cache = model.init_cache(params, enc_BxSxD, enc_mask_BxS, max_length)
+  init = (cache, jnp.zeros((batch,), jnp.int32), jnp.zeros((batch, max_length), jnp.int32),
+          jnp.zeros((batch,), bool), jnp.zeros((batch,), jnp.float32))
+
+  def not_finished(state):
+    cache, _, _, done_B, _ = state
+    running = cache.position < max_length
+    return running & ~done_B.all() if stop_at_eos else running
+
+  def step(state):
+    cache, last_B, tokens_BxM, done_B, score_B = state
+    t = cache.position
+    logits_BxV, cache = model.decode_step(params, last_B, cache)
+    next_B = jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
+    logp_B = jnp.take_along_axis(jax.nn.log_softmax(logits_BxV), next_B[:, None], axis=1)[:, 0]
+    if stop_at_eos:
+      next_B = jnp.where(done_B, PAD_ID, next_B)
+      score_B = score_B + jnp.where(done_B, 0.0, logp_B)
+      done_B = done_B | (next_B == eos_id)
+    else:
+      score_B = score_B + logp_B
+    tokens_BxM = jax.lax.dynamic_update_slice_in_dim(tokens_BxM, next_B[:, None], t, axis=1)
+    return cache, next_B, tokens_BxM, done_B, score_B
+
+  _, _, tokens_BxM, _, score_B = jax.lax.while_loop(not_finished, step, init)
+  return DecodeOutput(tokens_BxM, _first_eos_lengths(tokens_BxM, eos_id), score_B)
+
+
+def length_penalty(length: jax.Array, alpha: float) -> jax.Array:
+  """GNMT/T5X brevity penalty ((5 + length) / 6) ** alpha; alpha = 0 scores by log-probability."""
+  return ((5.0 + length.astype(jnp.float32)) / 6.0) ** alpha
+
+
+def _gather_beams(x_BxWx___: jax.Array, beam_indices_BxW: jax.Array) -> jax.Array:
+  return jnp.take_along_axis(
+      x_BxWx___, beam_indices_BxW.reshape(beam_indices_BxW.shape + (1,) * (x_BxWx___.ndim - 2)),
+      axis=1)
+
+
+def _gather_flat(x_NxD___: jax.Array, beam_indices_BxW: jax.Array) -> jax.Array:
+  """Gathers along a flattened [B * W] leading axis."""
+  b, w = beam_indices_BxW.shape
+  x_BxWx___ = x_NxD___.reshape((b, w) + x_NxD___.shape[1:])
+  return _gather_beams(x_BxWx___, beam_indices_BxW).reshape(x_NxD___.shape)
+
+
+def beam_search(model: FiDFunctions, params, passage_ids_BxPxL: jax.Array,
+                passage_mask_BxPxL: jax.Array, *, beam_size: int, max_length: int,
+                alpha: float = 0.6, eos_id: int = EOS_ID) -> DecodeOutput:
+  """Beam search with the GNMT length penalty; returns each row's best finished hypothesis.
+
+  A hypothesis finishes when it emits EOS or reaches `max_length`. Every step extends the W alive
+  beams by every token: the best W non-EOS extensions stay alive, EOS extensions (and, at the last
+  step, all extensions) compete with earlier finished hypotheses by log-probability / penalty. The
+  encoder runs once per row; cross-attention K/V are repeated per beam, self-attention caches are
+  reordered with the beams. With W >= V**(M-1) the search is exhaustive.
+  """
+  b = passage_ids_BxPxL.shape[0]
+  w = beam_size
+  enc_BxSxD, enc_mask_BxS = model.encode(params, passage_ids_BxPxL, passage_mask_BxPxL)
+  cache = model.init_cache(params, jnp.repeat(enc_BxSxD, w, axis=0),
+                           jnp.repeat(enc_mask_BxS, w, axis=0), max_length)
+  alive_logp_BxW = jnp.where(jnp.arange(w) == 0, 0.0, _NEG_INF)[None].repeat(b, axis=0)
+  init = dict(
+      cache=cache,
+      alive_seq=jnp.zeros((b, w, max_length), jnp.int32),
+      alive_logp=alive_logp_BxW,
+      finished_seq=jnp.zeros((b, w, max_length), jnp.int32),
+      finished_score=jnp.full((b, w), _NEG_INF, jnp.float32),
+  )
+
+  def not_finished(state):
+    t = state['cache'].position
+    # Stop when no alive beam can beat the worst kept finished hypothesis, even at the largest penalty
+    # (alpha >= 0 makes a longer hypothesis's normalised score at most its log-prob / penalty(M)).
+    best_alive_B = state['alive_logp'][:, 0] / length_penalty(jnp.asarray(max_length), alpha)
+    worst_finished_B = state['finished_score'].min(axis=1)
+    return (t < max_length) & ~jnp.all(best_alive_B < worst_finished_B)
+
+  def step(state):
+    cache = state['cache']
+    t = cache.position
+    last_BxW = jax.lax.dynamic_index_in_dim(state['alive_seq'], t - 1, axis=2, keepdims=False)
+    last_BxW = jnp.where(t == 0, PAD_ID, last_BxW)
+    logits_NxV, cache = model.decode_step(params, last_BxW.reshape(b * w), cache)
+    vocab = logits_NxV.shape[-1]
+    logp_BxWxV = jax.nn.log_softmax(logits_NxV).reshape(b, w, vocab)
+    candidate_BxWxV = state['alive_logp'][:, :, None] + logp_BxWxV
+    is_eos_V = jnp.arange(vocab) == eos_id
+    is_last = t == max_length - 1
+
+    # Alive: the best W extensions that neither emit EOS nor hit the length limit.
+    alive_candidates = jnp.where(is_eos_V | is_last, _NEG_INF, candidate_BxWxV).reshape(b, w * vocab)
+    alive_logp_BxW, alive_flat_BxW = jax.lax.top_k(alive_candidates, w)
+    alive_beam_BxW, alive_token_BxW = alive_flat_BxW // vocab, alive_flat_BxW % vocab
+    alive_seq = _gather_beams(state['alive_seq'], alive_beam_BxW)
+    alive_seq = jax.lax.dynamic_update_slice_in_dim(alive_seq, alive_token_BxW[:, :, None], t, axis=2)
+
+    # Finished: EOS extensions (all extensions at the last step), scored with the length penalty.
+    finishing = jnp.where(is_eos_V | is_last, candidate_BxWxV, _NEG_INF).reshape(b, w * vocab)
+    new_logp_BxW, new_flat_BxW = jax.lax.top_k(finishing, w)
+    new_seq = _gather_beams(state['alive_seq'], new_flat_BxW // vocab)
+    new_seq = jax.lax.dynamic_update_slice_in_dim(new_seq, (new_flat_BxW % vocab)[:, :, None], t,
+                                                  axis=2)
+    new_score_BxW = jnp.where(new_logp_BxW > _NEG_INF / 2,
+                              new_logp_BxW / length_penalty(t + 1, alpha), _NEG_INF)
+    all_scores = jnp.concatenate([state['finished_score'], new_score_BxW], axis=1)
+    all_seqs = jnp.concatenate([state['finished_seq'], new_seq], axis=1)
+    finished_score_BxW, keep_BxW = jax.lax.top_k(all_scores, w)
+
+    cache = cache._replace(self_k=tuple(_gather_flat(k, alive_beam_BxW) for k in cache.self_k),
+                           self_v=tuple(_gather_flat(v, alive_beam_BxW) for v in cache.self_v))
+    return dict(cache=cache, alive_seq=alive_seq, alive_logp=alive_logp_BxW,
+                finished_seq=_gather_beams(all_seqs, keep_BxW), finished_score=finished_score_BxW)
+
+  final = jax.lax.while_loop(not_finished, step, init)
+  tokens_BxM = final['finished_seq'][:, 0]
+  return DecodeOutput(tokens_BxM, _first_eos_lengths(tokens_BxM, eos_id), final['finished_score'][:, 0])
+
+
+def make_decode_fn(model: FiDFunctions, *, max_length: int, beam_size: int = 1, alpha: float = 0.6,
+                   eos_id: int = EOS_ID):
+  """A jitted `(params, passage_ids, passage_mask) -> DecodeOutput`: greedy when beam_size == 1."""
+  if beam_size == 1:
+    fn = functools.partial(greedy_decode, model, max_length=max_length, eos_id=eos_id)
+  else:
+    fn = functools.partial(beam_search, model, beam_size=beam_size, max_length=max_length,
+                           alpha=alpha, eos_id=eos_id)
+  return jax.jit(fn)
