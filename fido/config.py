@@ -114,10 +114,6 @@ def _validate_stack(stack: ml_collections.ConfigDict, name: str) -> None:
     _check(not mismatched, f'{name}.size', stack.size,
            f'{name}.{"/".join(mismatched)} differ from the {stack.size!r} size table '
            f'{expected}; set {name}.size="custom" for non-standard shapes')
-  # T5 sizes have d_model == num_heads * d_kv; other splits are allowed but must be intentional.
-  _check(stack.d_model == stack.num_heads * stack.d_kv or stack.size == 'custom', f'{name}.d_model',
-         stack.d_model, f'must equal num_heads * d_kv = {stack.num_heads * stack.d_kv} '
-         f'unless {name}.size="custom"')
 
 
 def validate_model_config(config: ml_collections.ConfigDict) -> None:
@@ -151,3 +147,76 @@ def cross_attention_layers(decoder: ml_collections.ConfigDict) -> list[int]:
 def shares_embedding(config: ml_collections.ConfigDict) -> bool:
   """T5 shares the input embedding between encoder and decoder; only possible at equal widths."""
   return config.encoder.d_model == config.decoder.d_model
+
+
+def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
+  """Parses a config-file argument 'variant,key=value,flag' (big_vision style).
+
+  The first bare word is the variant; `key=value` pairs override `defaults` (values parsed as
+  Python literals when possible); a bare `flag` after the variant sets it to True.
+  """
+  parsed = dict(defaults)
+  for i, part in enumerate(p.strip() for p in (arg or '').split(',') if p.strip()):
+    if '=' in part:
+      key, value = part.split('=', 1)
+      if key not in defaults:
+        raise ConfigError(f'unknown config argument {key!r} in {arg!r}; known: {sorted(defaults)}')
+      parsed[key] = _parse_value(value, defaults[key])
+    elif i == 0 and 'variant' in defaults:
+      parsed['variant'] = part
+    elif part in defaults:
+      parsed[part] = True
+    else:
+      raise ConfigError(f'unknown config argument {part!r} in {arg!r}; known: {sorted(defaults)}')
+  return ml_collections.ConfigDict(parsed)
+
+
+def _parse_value(value: str, default: Any) -> Any:
+  if isinstance(default, bool):
+    if value.lower() not in ('true', 'false', '1', '0'):
+      raise ConfigError(f'expected a boolean, got {value!r}')
+    return value.lower() in ('true', '1')
+  if isinstance(default, (int, float)):
+    return type(default)(value)
+  return value
+
+
+def bench_config(setting: str = 'paper') -> ml_collections.ConfigDict:
+  """Inference benchmark settings; 'paper' is the paper's (40 x 256 tokens, 32 out, batch 24/64)."""
+  settings = {
+      # FiDO §4 / Table 3: 40 passages of 256 tokens, 32 output tokens, greedy.
+      'paper': dict(batch_sizes=(24, 64), n_passages=40, passage_len=256, target_len=32),
+      # The 2-core CPU reference point of issue #2 (T5.1.1-small against Hugging Face's T5).
+      'cpu': dict(batch_sizes=(4,), n_passages=10, passage_len=128, target_len=16),
+      # Smoke runs and tests.
+      'tiny': dict(batch_sizes=(2,), n_passages=3, passage_len=16, target_len=4),
+  }
+  if setting not in settings:
+    raise ConfigError(f'unknown bench setting {setting!r}; expected one of {sorted(settings)}')
+  return ml_collections.ConfigDict(dict(
+      setting=setting, repeats=5, warmup=1, seed=0, output='', **settings[setting]))
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """The sections every experiment has; experiment files fill in `model` and override the rest."""
+  return ml_collections.ConfigDict(dict(
+      name='',
+      model=model_config('tiny'),
+      bench=bench_config('paper'),
+  ))
+
+
+def load_config_file(spec: str) -> ml_collections.ConfigDict:
+  """Loads 'path/to/file.py[:arg]' by calling its get_config(arg), as `--config` does."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  import os  # pylint: disable=g-import-not-at-top
+  path, _, arg = spec.partition(':')
+  if not os.path.isfile(path):
+    raise ConfigError(f'config file {path!r} does not exist')
+  module_spec = importlib.util.spec_from_file_location(
+      f'fido_experiment_{os.path.splitext(os.path.basename(path))[0]}', path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  if not hasattr(module, 'get_config'):
+    raise ConfigError(f'config file {path!r} has no get_config(arg) function')
+  return module.get_config(arg or None)
