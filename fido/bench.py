@@ -86,14 +86,31 @@ def bench_model(config: ml_collections.ConfigDict) -> Iterator[dict[str, Any]]:
         fid_light_k=config.model.fid_light_k)
 
 
+def _emit(result: dict[str, Any], output: str) -> None:
+  line = json.dumps(result)
+  print(line, flush=True)
+  if output:
+    with open(output, 'a') as f:
+      f.write(line + '\n')
+
+
 def run_bench(config: ml_collections.ConfigDict) -> list[dict[str, Any]]:
-  """Prints one JSON line per result (and appends them to `config.bench.output` if set)."""
-  results = []
-  for result in bench_model(config):
-    line = json.dumps(result)
-    print(line, flush=True)
-    if config.bench.output:
-      with open(config.bench.output, 'a') as f:
-        f.write(line + '\n')
-    results.append(result)
+  """Prints one JSON line per result (and appends them to `config.bench.output` if set).
+
+  With `config.bench.reference='hf'`, also times Hugging Face transformers' T5 FiD on the same
+  workload and prints the ratios reference / ours (> 1: we are faster).
+  """
+  results = list(bench_model(config))
+  for result in results:
+    _emit(result, config.bench.output)
+  if config.bench.reference == 'hf':
+    from fido.bench_reference import bench_hf_reference  # pylint: disable=g-import-not-at-top
+    for ours, theirs in zip(results, bench_hf_reference(config)):
+      _emit(theirs, config.bench.output)
+      _emit(dict(name=f'speedup {ours["name"]} vs {theirs["name"]}', batch=ours['batch'],
+                 encoder=round(theirs['encoder_ms'] / ours['encoder_ms'], 2),
+                 decoder=round(theirs['decoder_ms'] / ours['decoder_ms'], 2),
+                 total=round(theirs['total_ms'] / ours['total_ms'], 2)), config.bench.output)
+  elif config.bench.reference:
+    raise ValueError(f'config.bench.reference={config.bench.reference!r}: expected "" or "hf"')
   return results

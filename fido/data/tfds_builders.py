@@ -1,0 +1,271 @@
+"""TFDS builders: local FiD files and text corpora -> array_record datasets, read without TF.
+
+TFDS 4.9 writes and reads `file_format='array_record'` without TensorFlow; reading goes through
+`as_data_source(split)`, a random-access source that grain consumes directly.
+
+  prepare_fid_dataset(data_dir, "nq", {"train": "NQ/train.json", "dev": ..., "test": ...})
+      -> {data_dir}/fid_qa/nq/1.0.0/   (features: question, answers, target,
+                                         ctxs{title,text,score,id}, source, record_number;
+                                         ctxs already sorted by score)
+  prepare_text_corpus(data_dir, "wiki", {"train": ["a.txt", "b.jsonl.gz"]})
+      -> {data_dir}/text_corpus/wiki/1.0.0/  (feature: text; one document per line of a .txt file or
+                                               per JSONL record's `text_field`)
+  load_fid_source(data_dir, "nq", "dev")[i]      -> normalized record (fido.data.fid_format)
+  load_text_source(data_dir, "text_corpus/wiki") -> documents as str
+  load_text_source(data_dir, "c4/en")            -> catalog C4, if prepared there as array_record
+Records keep the input order (disable_shuffling): an example_index maps back to the file's records.
+"""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import json
+import logging
+import os
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import tensorflow_datasets as tfds
+from etils import epath
+
+from fido.data import fid_format
+from fido.data.errors import DataError
+
+FID_BUILDER = "fid_qa"
+TEXT_BUILDER = "text_corpus"
+
+
+def _fid_features() -> tfds.features.FeaturesDict:
+  text = tfds.features.Text
+  return tfds.features.FeaturesDict({
+      "question": text(), "answers": tfds.features.Sequence(text()), "target": text(),
+      "ctxs": tfds.features.Sequence(
+          {"title": text(), "text": text(), "score": text(), "id": text()}),
+      "source": text(), "record_number": np.int64,
+  })
+
+
+def record_to_example(record: Mapping) -> dict:
+  """Normalized record -> TFDS example (None -> ''). Scores are stored as repr strings: TFDS keeps
+  floats as float32 (tf.train.Example), and a string round-trips a float64 exactly."""
+  return {
+      "question": record["question"], "answers": list(record["answers"]),
+      "target": record["target"] or "",
+      "ctxs": [{"title": c["title"], "text": c["text"],
+                "score": "" if c["score"] is None else repr(c["score"]), "id": c["id"] or ""}
+               for c in record["ctxs"]],
+      "source": record["source"], "record_number": record["record_number"],
+  }
+
+
+def _str(b) -> str:
+  return b.decode("utf-8") if isinstance(b, bytes) else str(b)
+
+
+def example_to_record(ex: Mapping) -> dict:
+  """Decoded TFDS example -> normalized record (inverse of record_to_example)."""
+  c = ex["ctxs"]
+  ctxs = [{"title": _str(t), "text": _str(x), "score": float(_str(s)) if _str(s) else None,
+           "id": _str(i) or None} for t, x, s, i in zip(c["title"], c["text"], c["score"], c["id"])]
+  return {"question": _str(ex["question"]), "answers": [_str(a) for a in ex["answers"]],
+          "target": _str(ex["target"]) or None, "ctxs": ctxs, "source": _str(ex["source"]),
+          "record_number": int(ex["record_number"])}
+
+
+class _LocalFilesBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+  """A builder of user-supplied local files: nothing is downloaded, so no checksums file."""
+
+  @tfds.core.utils.classproperty
+  @classmethod
+  def code_path(cls) -> epath.Path:
+    # TFDS's default resolves the defining package through importlib resources, which for a
+    # namespace package needs the `importlib_resources` backport; only the file path is used.
+    return epath.Path(__file__)
+
+
+class FidQa(_LocalFilesBuilder):
+  """FiD-format QA files (JSON / JSONL, optionally .gz) of one data set; config = data set name."""
+
+  VERSION = tfds.core.Version("1.0.0")
+
+  def __init__(self, *, files: Mapping[str, str] | None = None, read_options: Mapping | None = None,
+               **kwargs):
+    self._files = dict(files or {})
+    self._read_options = dict(read_options or {})
+    self.reports: dict[str, fid_format.ReadReport] = {}
+    super().__init__(**kwargs)
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    return tfds.core.DatasetInfo(builder=self, description=self.__doc__, features=_fid_features(),
+                                 disable_shuffling=True)
+
+  def _split_generators(self, dl_manager):
+    del dl_manager
+    return {split: self._generate_examples(split, path) for split, path in self._files.items()}
+
+  def _generate_examples(self, split: str, path: str):
+    report = fid_format.ReadReport(os.fspath(path))
+    self.reports[split] = report
+    for i, record in enumerate(fid_format.iter_fid_file(path, report, **self._read_options)):
+      yield i, record_to_example(record)
+    if not report.kept:
+      raise DataError(f"{report.summary()}: no usable records")
+    if report.skipped or report.warnings:
+      logging.warning("%s", report.summary())
+
+
+def iter_text_documents(path: str, text_field: str = "text"):
+  """Documents of a plain-text file (one per non-blank line) or JSONL file (`text_field` of each
+  record); .gz allowed. Yields (line number, document)."""
+  opener = gzip.open if path.endswith(".gz") else open
+  jsonl = path.removesuffix(".gz").endswith((".jsonl", ".json"))
+  try:
+    with opener(path, "rt", encoding="utf-8") as f:
+      for n, line in enumerate(f, 1):
+        if not line.strip():
+          continue
+        if not jsonl:
+          yield n, line.rstrip("\r\n")
+          continue
+        try:
+          obj = json.loads(line)
+        except json.JSONDecodeError as e:
+          raise DataError(f"{path}: line {n} column {e.colno}: malformed JSON ({e.msg})") from None
+        if not isinstance(obj, dict) or not isinstance(obj.get(text_field), str):
+          raise DataError(f"{path}: line {n}: field '{text_field}': missing or not a string")
+        yield n, obj[text_field]
+  except UnicodeDecodeError as e:
+    raise DataError(f"{path}: not valid UTF-8 ({e})") from None
+  except OSError as e:
+    raise DataError(f"{path}: cannot read ({e})") from e
+
+
+class TextCorpus(_LocalFilesBuilder):
+  """Plain-text / JSONL corpora, one document per record (C4-like); config name = corpus name."""
+
+  VERSION = tfds.core.Version("1.0.0")
+
+  def __init__(self, *, files: Mapping[str, Sequence[str]] | None = None, text_field: str = "text",
+               **kwargs):
+    self._files = {k: [v] if isinstance(v, (str, os.PathLike)) else list(v)
+                   for k, v in (files or {}).items()}
+    self._text_field = text_field
+    super().__init__(**kwargs)
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    features = tfds.features.FeaturesDict({"text": tfds.features.Text()})
+    return tfds.core.DatasetInfo(builder=self, description=self.__doc__, features=features,
+                                 disable_shuffling=True)
+
+  def _split_generators(self, dl_manager):
+    del dl_manager
+    return {split: self._generate_examples(paths) for split, paths in self._files.items()}
+
+  def _generate_examples(self, paths: Sequence[str]):
+    n = 0
+    for file_index, path in enumerate(paths):
+      for line, doc in iter_text_documents(os.fspath(path), self._text_field):
+        n += 1
+        yield f"{file_index:05d}-{line:012d}", {"text": doc}
+    if not n:
+      raise DataError(f"{', '.join(map(str, paths))}: no documents")
+
+
+def _check_name(name: str) -> None:
+  if not name or not name.replace("_", "").isalnum() or not name[0].isalpha():
+    raise DataError(f"dataset name must be letters, digits, '_', starting with a letter: {name!r}")
+
+
+def prepare_fid_dataset(data_dir: str | os.PathLike, name: str, files: Mapping[str, str],
+                        **read_options) -> FidQa:
+  """Converts FiD files {split: path} to {data_dir}/fid_qa/{name}/1.0.0; no-op if already prepared.
+
+  read_options go to fid_format.iter_fid_file (require_passages, require_answers, on_error, ...).
+  The returned builder's `.reports` holds each split's ReadReport (empty if prepared before).
+  """
+  _check_name(name)
+  config = tfds.core.BuilderConfig(name=name, description=f"FiD files: {dict(files)}")
+  builder = FidQa(files=files, read_options=read_options, config=config,
+                  data_dir=os.path.expanduser(os.fspath(data_dir)),
+                  file_format="array_record")
+  builder.download_and_prepare()
+  return builder
+
+
+def prepare_text_corpus(data_dir: str | os.PathLike, name: str,
+                        files: Mapping[str, str | Sequence[str]],
+                        text_field: str = "text") -> TextCorpus:
+  """Converts text/JSONL files {split: path(s)} to {data_dir}/text_corpus/{name}/1.0.0.
+
+  A no-op when already prepared.
+  """
+  _check_name(name)
+  config = tfds.core.BuilderConfig(name=name, description="text corpus")
+  builder = TextCorpus(files=files, text_field=text_field, config=config,
+                       data_dir=os.path.expanduser(os.fspath(data_dir)),
+                       file_format="array_record")
+  builder.download_and_prepare()
+  return builder
+
+
+def _prepared_dir(data_dir: str, name: str) -> str:
+  """{data_dir}/{builder}/{config}/{version} of 'builder/config[:version]' (default: latest)."""
+  base, _, version = name.partition(":")
+  root = os.path.join(data_dir, *base.split("/"))
+  if not version:
+    versions = sorted((v for v in (os.listdir(root) if os.path.isdir(root) else [])
+                       if os.path.isfile(os.path.join(root, v, "dataset_info.json"))),
+                      key=lambda v: tuple(int(x) for x in v.split(".") if x.isdigit()))
+    version = versions[-1] if versions else ""
+  path = os.path.join(root, version)
+  if not version or not os.path.isfile(os.path.join(path, "dataset_info.json")):
+    raise DataError(f"{data_dir}: no prepared dataset '{name}' (expected {root}/<version>/"
+                    "dataset_info.json); prepare it first, see data/README.md")
+  return path
+
+
+def _data_source(data_dir: str | os.PathLike, name: str, split: str):
+  path = _prepared_dir(os.path.expanduser(os.fspath(data_dir)), name)
+  builder = tfds.builder_from_directory(path)
+  if split not in builder.info.splits:
+    raise DataError(f"{path}: no split '{split}' (has {sorted(builder.info.splits)})")
+  file_format = getattr(builder.info.file_format, "value", builder.info.file_format)
+  if file_format is not None and file_format != "array_record":
+    raise DataError(f"{path}: prepared as {file_format}; reading without TensorFlow needs "
+                    "array_record (re-prepare with file_format='array_record', see data/README.md)")
+  return builder.as_data_source(split)
+
+
+class _Mapped:
+  """Random-access view applying `fn` to each element of `source`; `name` is its stable repr."""
+
+  def __init__(self, source, fn, name: str):
+    self._source, self._fn, self._name = source, fn, name
+
+  def __repr__(self) -> str:
+    return f"{self._name}[{len(self)}]"
+
+  def __len__(self) -> int:
+    return len(self._source)
+
+  def __getitem__(self, i: int):
+    return self._fn(self._source[i])
+
+
+def load_fid_source(data_dir: str | os.PathLike, name: str, split: str) -> _Mapped:
+  """Random-access normalized records of a prepared FiD data set (name as given to prepare)."""
+  return _Mapped(_data_source(data_dir, f"{FID_BUILDER}/{name}", split), example_to_record,
+                 f"{FID_BUILDER}/{name}:{split}")
+
+
+def load_text_source(data_dir: str | os.PathLike, name: str, split: str = "train",
+                     text_field: str = "text") -> _Mapped:
+  """Random-access documents (str) of a prepared corpus: 'text_corpus/<name>' or a catalog
+  dataset such as 'c4/en' (or 'c4/en:3.1.0') prepared as array_record under data_dir."""
+  return _Mapped(_data_source(data_dir, name, split), functools.partial(_text_of, field=text_field),
+                 f"{name}:{split}")
+
+
+def _text_of(ex: Mapping, field: str) -> str:
+  return _str(ex[field])

@@ -1,0 +1,138 @@
+"""Tests for fido.data.synthetic: determinism, find-and-copy property, late variant, files."""
+
+import json
+import os
+import re
+
+import numpy as np
+import pytest
+
+from fido.data import features, synthetic
+from fido.data.fid_format import read_fid_file
+from fido.data.tokenizer import load_tokenizer
+
+SMALL = dict(n_train=200, n_dev=40, n_test=40)
+
+
+@pytest.fixture(scope="module")
+def data():
+  return synthetic.generate(seed=3, **SMALL)
+
+
+def _contains(passage, answer):
+  text = passage["title"] + " | " + passage["text"]
+  return re.search(r"\b" + re.escape(answer) + r"\b", text, re.IGNORECASE) is not None
+
+
+def _entity(question):
+  return next(re.fullmatch(q.replace("?", r"\?").format(e="(.+)"), question).group(1)
+              for _, q, _ in synthetic.ATTRIBUTES if re.fullmatch(
+                  q.replace("?", r"\?").format(e=".+"), question))
+
+
+def test_deterministic_from_seed(data):
+  assert synthetic.generate(seed=3, **SMALL) == data
+  assert synthetic.generate(seed=4, **SMALL) != data
+
+
+def test_sizes_and_passage_counts(data):
+  assert [len(data[s]) for s in ("train", "dev", "test")] == [200, 40, 40]
+  assert all(len(r["ctxs"]) == 10 for s in ("train", "dev", "test") for r in data[s])
+  wide = synthetic.generate(seed=0, n_train=20, n_dev=4, n_test=4, n_passages=14)
+  assert len(wide["dev"][0]["ctxs"]) == 14
+
+
+def test_answer_in_exactly_one_passage(data):
+  for split in ("train", "dev", "test"):
+    for r in data[split]:
+      assert sum(_contains(c, r["answers"][0]) for c in r["ctxs"]) == 1, r
+
+
+def test_distractors_share_entity_or_attribute(data):
+  for r in data["train"]:
+    entity = _entity(r["question"])
+    gold = next(c for c in r["ctxs"] if _contains(c, r["answers"][0]))
+    attribute = gold["id"].split("/")[1]
+    kinds = {"same entity": 0, "same attribute": 0}
+    for c in r["ctxs"]:
+      if c is gold:
+        continue
+      e, a = c["id"].rsplit("/", 1)
+      assert (e == entity) != (a == attribute)
+      kinds["same entity" if e == entity else "same attribute"] += 1
+    assert kinds["same entity"] >= 2 and kinds["same attribute"] >= 1
+
+
+def test_multi_token_invented_answers(data):
+  answers = [r["answers"][0] for r in data["train"]]
+  assert all(len(a.split()) == 2 for a in answers)
+  assert len(set(answers)) == len(answers)
+
+
+def test_dev_and_test_entities_unseen_in_training(data):
+  def entities(split):
+    titles = {c["title"] for r in data[split] for c in r["ctxs"]}
+    return titles | {_entity(r["question"]) for r in data[split]}
+  train = entities("train")
+  assert not train & entities("dev") and not train & entities("test")
+  assert not entities("dev") & entities("test")
+  corpus = " ".join(data["corpus"])
+  assert not any(e in corpus for e in entities("dev") | entities("test"))
+  assert all(e in corpus for e in list(entities("train"))[:20])
+
+
+def test_scores_decrease_and_gold_position_varies(data):
+  positions = []
+  for r in data["train"]:
+    scores = [c["score"] for c in r["ctxs"]]
+    assert scores == sorted(scores, reverse=True)
+    positions.append(next(i for i, c in enumerate(r["ctxs"]) if _contains(c, r["answers"][0])))
+  assert len(set(positions)) == 10
+
+
+def test_late_variant_puts_the_answer_at_the_end():
+  early = synthetic.generate(seed=1, n_train=50, n_dev=10, n_test=10)
+  late = synthetic.generate(seed=1, n_train=50, n_dev=10, n_test=10, answer_position="late")
+  def offsets(d):
+    out = []
+    for r in d["train"]:
+      gold = next(c for c in r["ctxs"] if _contains(c, r["answers"][0]))
+      out.append(gold["text"].index(r["answers"][0]) / len(gold["text"]))
+    return np.array(out)
+  assert offsets(early).max() < 0.5 < offsets(late).min()
+  assert all(r["ctxs"][0]["text"].endswith(".") for r in late["train"])
+  with pytest.raises(ValueError, match="answer_position"):
+    synthetic.generate(seed=1, answer_position="middle")
+
+
+def test_prepare_writes_readable_files_idempotently(tmp_path):
+  paths = synthetic.prepare_synthetic(tmp_path, seed=0, **SMALL, vocab_size=600)
+  for split, n in (("train", 200), ("dev", 40), ("test", 40)):
+    records, report = read_fid_file(getattr(paths, split), n_passages=10)
+    assert len(records) == n and not report.skipped and not report.warnings
+  tok = load_tokenizer(paths.tokenizer)
+  assert tok.num_pieces == 600 and tok.vocab_size == 768
+  assert len(open(paths.corpus).read().splitlines()) == 50  # one document per training entity
+  stamp = {p: os.stat(p).st_mtime_ns for p in (paths.train, paths.tokenizer)}
+  assert synthetic.prepare_synthetic(tmp_path, seed=0, **SMALL, vocab_size=600) == paths
+  assert {p: os.stat(p).st_mtime_ns for p in stamp} == stamp  # nothing rewritten
+  synthetic.prepare_synthetic(tmp_path, seed=1, **SMALL, vocab_size=600)
+  assert json.load(open(paths.manifest))["seed"] == 1
+  assert os.stat(paths.train).st_mtime_ns != stamp[paths.train]
+
+
+def test_default_sizes_fit_a_small_cpu_model(tmp_path):
+  """The embedded default: ~1k-piece tokenizer, answers 2-4 tokens, short passages."""
+  paths = synthetic.prepare_synthetic(tmp_path, seed=0)
+  tok = load_tokenizer(paths.tokenizer)
+  assert tok.num_pieces == 1000 and tok.vocab_size == 1152
+  dev, _ = read_fid_file(paths.dev)
+  assert len(read_fid_file(paths.train)[0]) == 3000 and len(dev) == 300
+  answer_lengths = np.array([len(tok.encode(r["answers"][0])) for r in dev])
+  assert 2.5 <= answer_lengths.mean() <= 3.5 and (answer_lengths >= 2).all()
+  assert np.mean(answer_lengths <= 4) > 0.9
+  passages = [len(tok.encode(features.fid_passage_text(r["question"], c["title"], c["text"])))
+              for r in dev[:30] for c in r["ctxs"]]
+  assert 30 <= np.mean(passages) <= 60 and max(passages) <= 80
+  assert tok.encode("question:")[0] == tok.encode("question: x")[0]  # the FiD keywords are pieces
+  assert len(tok.encode("question: title: context:")) <= 6
