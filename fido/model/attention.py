@@ -8,6 +8,10 @@ Parameters (no biases, T5 convention):
   key    [D, K, E]   or [D, E] when K == 1 (multi-query: no head axis, FiDO §3.2)
   value  same as key
   output [H, E, D]
+
+Activations are laid out heads-first, keys/values as [B, K, S, E] and queries as [B, K, G, T, E], so
+that both attention matmuls are plain batched matmuls over (B, K) and incremental decoding never
+transposes the cached keys/values (which would re-copy the whole cache at every step).
 """
 
 import haiku as hk
@@ -49,30 +53,31 @@ class Attention(hk.Module):
     return hk.get_parameter(name, [d_in, self.num_kv_heads, self.d_kv], jnp.float32, init=init)
 
   def project_kv(self, x_BxSxD: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Keys and values [B, S, K, E] of `x` (the encoder output for cross-attention)."""
+    """Keys and values [B, K, S, E] of `x` (the encoder output for cross-attention)."""
     d_in = x_BxSxD.shape[-1]
     w_k, w_v = self.policy.cast_to_compute((self._kv_param('key', d_in), self._kv_param('value', d_in)))
-    k_BxSxKxE = jnp.einsum('bsd,dke->bske', x_BxSxD, w_k)
-    v_BxSxKxE = jnp.einsum('bsd,dke->bske', x_BxSxD, w_v)
-    return k_BxSxKxE, v_BxSxKxE
+    k_BxKxSxE = jnp.einsum('bsd,dke->bkse', x_BxSxD, w_k)
+    v_BxKxSxE = jnp.einsum('bsd,dke->bkse', x_BxSxD, w_v)
+    return k_BxKxSxE, v_BxKxSxE
 
   def project_query(self, x_BxTxD: jax.Array) -> jax.Array:
+    """Queries [B, K, G, T, E], grouped by the key/value head they share."""
     d_in = x_BxTxD.shape[-1]
     w_q = hk.get_parameter('query', [d_in, self.num_heads, self.d_kv], jnp.float32,
                            init=hk.initializers.RandomNormal((d_in * self.d_kv)**-0.5))
-    return jnp.einsum('btd,dhe->bthe', x_BxTxD, self.policy.cast_to_compute(w_q))
+    w_q_DxKxGxE = w_q.reshape(d_in, self.num_kv_heads, self.num_heads // self.num_kv_heads, self.d_kv)
+    return jnp.einsum('btd,dkge->bkgte', x_BxTxD, self.policy.cast_to_compute(w_q_DxKxGxE))
 
-  def attend(self, q_BxTxHxE: jax.Array, k_BxSxKxE: jax.Array, v_BxSxKxE: jax.Array,
+  def attend(self, q_BxKxGxTxE: jax.Array, k_BxKxSxE: jax.Array, v_BxKxSxE: jax.Array,
              bias: jax.Array, *, is_training: bool) -> jax.Array:
     """softmax(q k^T + bias) v, then the output projection; `bias` is float32 [B|1, H|1, T|1, S]."""
-    b, t, h, e = q_BxTxHxE.shape
-    k = self.num_kv_heads
-    q_BxTxKxGxE = q_BxTxHxE.reshape(b, t, k, h // k, e)
-    logits = jnp.einsum('btkge,bske->bkgts', q_BxTxKxGxE, k_BxSxKxE,
-                        preferred_element_type=jnp.float32)
-    weights = jax.nn.softmax(logits + _grouped(bias, k), axis=-1)
-    weights = dropout(weights, self.dropout_rate, is_training).astype(v_BxSxKxE.dtype)
-    out_BxTxKxGxE = jnp.einsum('bkgts,bske->btkge', weights, v_BxSxKxE)
-    w_o = hk.get_parameter('output', [h, e, self.d_model], jnp.float32,
-                           init=hk.initializers.RandomNormal((h * e)**-0.5))
-    return jnp.einsum('bthe,hed->btd', out_BxTxKxGxE.reshape(b, t, h, e), self.policy.cast_to_compute(w_o))
+    b, k, g, t, e = q_BxKxGxTxE.shape
+    logits_BxKxGxTxS = jnp.einsum('bkgte,bkse->bkgts', q_BxKxGxTxE, k_BxKxSxE,
+                                  preferred_element_type=jnp.float32)
+    weights = jax.nn.softmax(logits_BxKxGxTxS + _grouped(bias, k), axis=-1)
+    weights = dropout(weights, self.dropout_rate, is_training).astype(v_BxKxSxE.dtype)
+    out_BxKxGxTxE = jnp.einsum('bkgts,bkse->bkgte', weights, v_BxKxSxE)
+    w_o = hk.get_parameter('output', [k * g, e, self.d_model], jnp.float32,
+                           init=hk.initializers.RandomNormal((k * g * e)**-0.5))
+    w_o_KxGxExD = self.policy.cast_to_compute(w_o).reshape(k, g, e, self.d_model)
+    return jnp.einsum('bkgte,kged->btd', out_BxKxGxTxE, w_o_KxGxExD)
