@@ -9,7 +9,9 @@ from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'experiments/fido.py:tiny,bench=tiny',
                                           'Experiment config file[:argument].')
-_MODE = flags.DEFINE_enum('mode', 'bench', ['bench'], 'What to run.')
+_MODE = flags.DEFINE_enum('mode', 'bench', ['bench', 'analyze'], 'What to run.')
+_DEVICE = flags.DEFINE_string('device', 'tpu-v4',
+                              'analyze: a device of fido.analysis.DEVICES, or "cpu" (probed).')
 
 
 def main(argv):
@@ -19,6 +21,9 @@ def main(argv):
   if _MODE.value == 'bench':
     from fido import bench  # pylint: disable=g-import-not-at-top
     bench.run_bench(config)
+  elif _MODE.value == 'analyze':
+    from fido import analysis  # pylint: disable=g-import-not-at-top
+    analysis.run_analyze(config, _DEVICE.value)
 
 
 if __name__ == '__main__':

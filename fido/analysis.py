@@ -456,3 +456,20 @@ def format_table(results: Mapping[str, Any] | list[Mapping[str, Any]]) -> str:
   lines.append(f'per sample; GF = 1e9 FLOPs; xKV = cross-attention K/V cache; max B* = with buffer '
                f'reuse; ms = roofline on {dev.get("name", "?")}; 1/OI = cross-attn bytes/FLOP')
   return '\n'.join(lines)
+
+
+def run_analyze(config: ml_collections.ConfigDict, device: str | Device = 'tpu-v4') -> list[dict]:
+  """`run.py --mode=analyze`: one analysis per bench batch size, as a table and as JSON lines.
+
+  XLA's own cost analysis is compiled only for bench settings small enough to compile quickly.
+  """
+  import json  # pylint: disable=g-import-not-at-top
+  results = []
+  for batch in config.bench.batch_sizes:
+    setting = setting_from_config(config, batch)
+    small = setting.batch_size * setting.n_passages * setting.passage_len <= 1 << 16
+    results.append(analyze(config, setting, device, xla=small))
+  print(format_table(results))
+  for result in results:
+    print(json.dumps(result))
+  return results
