@@ -5,11 +5,16 @@ Config fields can be overridden from the command line, e.g. `--config.bench.repe
 
 from absl import app
 from absl import flags
+from absl import logging
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file('config', 'experiments/fido.py:tiny,bench=tiny',
+_CONFIG = config_flags.DEFINE_config_file('config', 'experiments/embedded.py:fido',
                                           'Experiment config file[:argument].')
-_MODE = flags.DEFINE_enum('mode', 'bench', ['bench', 'analyze'], 'What to run.')
+_MODE = flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'bench', 'analyze'], 'What to run.')
+_WORKDIR = flags.DEFINE_string('workdir', 'workdirs/embedded-fido',
+                               'train: where checkpoints, metrics and the config go.')
+_OVERWRITE = flags.DEFINE_bool('overwrite', False,
+                               'train: replace a workdir that holds a different run.')
 _DEVICE = flags.DEFINE_string('device', 'tpu-v4',
                               'analyze: a device of fido.analysis.DEVICES, or "cpu" (probed).')
 
@@ -17,8 +22,17 @@ _DEVICE = flags.DEFINE_string('device', 'tpu-v4',
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  if not flags.FLAGS['verbosity'].present:
+    logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO; -v 0 shows it
   config = _CONFIG.value
-  if _MODE.value == 'bench':
+  if _MODE.value == 'train':
+    import json  # pylint: disable=g-import-not-at-top
+    from fido import train  # pylint: disable=g-import-not-at-top
+    print(json.dumps(train.train(config, _WORKDIR.value, overwrite=_OVERWRITE.value)))
+  elif _MODE.value == 'eval':
+    from fido import evaluate  # pylint: disable=g-import-not-at-top
+    evaluate.run_eval(config)
+  elif _MODE.value == 'bench':
     from fido import bench  # pylint: disable=g-import-not-at-top
     bench.run_bench(config)
   elif _MODE.value == 'analyze':

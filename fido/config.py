@@ -28,9 +28,10 @@ class StackSize(NamedTuple):
   num_layers: int
 
 
-# T5.1.1 sizes (d_model, d_ff, heads, d_kv, layers); 'tiny' and 'mini' are ours, for CPU tests.
+# T5.1.1 sizes (d_model, d_ff, heads, d_kv, layers); 'tiny', 'micro' and 'mini' are ours, for CPUs.
 SIZES: Mapping[str, StackSize] = {
     'tiny': StackSize(32, 64, 4, 8, 2),
+    'micro': StackSize(64, 128, 4, 16, 2),
     'mini': StackSize(128, 256, 4, 32, 4),
     'small': StackSize(512, 1024, 6, 64, 8),
     'base': StackSize(768, 2048, 12, 64, 12),
@@ -199,9 +200,19 @@ def bench_config(setting: str = 'paper') -> ml_collections.ConfigDict:
 
 def default_config() -> ml_collections.ConfigDict:
   """The sections every experiment has; experiment files fill in `model` and override the rest."""
+  # Each section's defaults live beside the code that reads them.
+  from fido import evaluate, optim, sharding, train, train_step  # pylint: disable=g-import-not-at-top
+  train_config = train_step.default_config()
+  train_config.update(train.default_loop_config())
   return ml_collections.ConfigDict(dict(
       name='',
       model=model_config('tiny'),
+      data=train.default_data_config(),
+      train=train_config,
+      optimizer=optim.default_config(),
+      init=train.default_init_config(),
+      sharding=sharding.default_config(),
+      eval=evaluate.default_config(),
       bench=bench_config('paper'),
   ))
 

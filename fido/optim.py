@@ -63,15 +63,13 @@ def default_config() -> ml_collections.ConfigDict:
       adam_b1=0.9,                       # adamw
       adam_epsilon=1e-8,                 # adamw
       weight_decay=0.0,                  # adamw: decoupled, multiplied by the learning rate
-      carry_over_second_moments=True,    # fine-tuning: start from pre-training's v (paper §A)
-  ))
+  ))  # The carry-over switch lives with the initialisation: config.init.carry_second_moments.
 
 
 def pretraining_config() -> ml_collections.ConfigDict:
   """T5 pre-training recipe: lr 1e-2 for 10k warm-up steps, then 1e-2 * sqrt(10k / step)."""
   config = default_config()
-  config.update(learning_rate=1e-2, schedule='rsqrt', warmup_steps=10_000,
-                carry_over_second_moments=False)
+  config.update(learning_rate=1e-2, schedule='rsqrt', warmup_steps=10_000)
   return config
 
 

@@ -1,0 +1,44 @@
+"""The embedded default: `python run.py` trains and evaluates a tiny FiDO on synthetic retrieval QA.
+
+Everything is generated locally (data and tokenizer, `fido.data.synthetic`); the model is small
+enough for a 2-core CPU: a 'micro' encoder (64 wide, 2 layers) and a larger 'mini' decoder
+(128 wide, 4 layers) with cross-attention in every second layer and multi-query attention.
+
+  python run.py                                                  # = the line below
+  python run.py --mode=train --config=experiments/embedded.py:fido --workdir=workdirs/embedded-fido
+  python run.py --mode=train --config=experiments/embedded.py:fid --workdir=workdirs/embedded-fid
+  python run.py --mode=train --config=experiments/embedded.py:fido,smoke --workdir=/tmp/smoke
+
+Variants: fido (LSA-2 + MQ + asymmetric decoder), fid (the FiD baseline: micro-micro, cross-
+attention in every layer, multi-head). `smoke` shrinks data and steps to seconds, for tests.
+"""
+
+from fido import config as fido_config
+
+
+def get_config(arg: str | None = None):
+  arg = fido_config.parse_arg(arg, variant='fido', smoke=False)
+  config = fido_config.default_config()
+  config.name = f'embedded-{arg.variant}'
+  vocab = 1152  # 1000 SentencePiece pieces + 100 sentinels, padded to a multiple of 128
+  if arg.variant == 'fido':
+    config.model = fido_config.model_config('micro', 'mini', cross_attention_period=2,
+                                            decoder_kv_heads=1, cross_kv_heads=1, vocab_size=vocab)
+  elif arg.variant == 'fid':
+    config.model = fido_config.model_config('micro', vocab_size=vocab)
+  else:
+    raise fido_config.ConfigError(f'unknown variant {arg.variant!r}; expected fido or fid')
+
+  config.data.update(source='synthetic', dir='data/generated/synthetic', n_passages=10,
+                     passage_len=40, target_len=8)
+  config.train.update(task='finetune', batch_size=16, steps=2000, log_every=50, eval_every=500,
+                      eval_examples=100, checkpoint_every=500, z_loss=1e-4)
+  config.optimizer.update(name='adamw', learning_rate=3e-3, schedule='constant', warmup_steps=100)
+  config.eval.update(batch_size=50)
+  config.bench = fido_config.bench_config('tiny')
+  if arg.smoke:
+    config.data.synthetic.update(n_train=64, n_dev=16, n_test=16)
+    config.data.dir = 'data/generated/synthetic-smoke'
+    config.train.update(steps=6, log_every=2, eval_every=3, eval_examples=8, checkpoint_every=3)
+    config.eval.update(batch_size=8)
+  return config

@@ -1,0 +1,359 @@
+"""The training loop: fine-tuning (QA) and pre-training (span corruption) with orbax checkpoints,
+exact resume, periodic dev evaluation, and divergence rollback.
+
+`train(config, workdir)` writes into `workdir`:
+  config.json       the run's config (a different config in the same workdir is refused)
+  checkpoints/      orbax steps: params, optimizer state, step, rng, data-iterator state, config
+  metrics.jsonl     one JSON line per logged step, per evaluation and per rollback
+and returns the final metrics. Resuming is implicit: an existing checkpoint is continued from,
+including the data iterator, so an interrupted run ends bit-identical to an uninterrupted one.
+
+Divergence (paper §4.3 footnote: the authors restarted XL-XXL by hand with a lower learning rate):
+a non-finite loss, or a loss above `spike_factor` x its running mean, restores the last checkpoint
+(only healthy states are ever saved), deletes newer ones, and continues with the learning rate cut
+by `lr_cut`; at most `max_rollbacks` times.
+"""
+
+import collections
+import json
+import logging
+import os
+import shutil
+import time
+from typing import Any, Iterator
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import tqdm
+
+from fido import checkpoint as checkpoint_lib
+from fido import evaluate
+from fido import optim
+from fido import sharding
+from fido import train_step as train_step_lib
+from fido.data import fid_format, pipeline, synthetic
+from fido.data.tokenizer import Tokenizer, load_tokenizer
+from fido.model.fid import make_model
+
+_LOG = logging.getLogger(__name__)
+TASKS = ('finetune', 'pretrain')
+
+
+def default_data_config() -> ml_collections.ConfigDict:
+  """The `config.data` section: synthetic retrieval-QA (generated locally) or FiD-format files."""
+  return ml_collections.ConfigDict(dict(
+      source='synthetic',    # 'synthetic' (generated into `dir`) | 'files' (the paths below)
+      dir='data/generated/synthetic',
+      tokenizer='', train='', dev='', test='', corpus='',  # filled in for 'synthetic'
+      n_passages=10, passage_len=256, target_len=32,
+      answer_choice='first',  # training target when there is no `target`: 'first' | 'random'
+      inputs_length=512,      # pre-training (span corruption) input length; targets follow
+      synthetic=dict(seed=0, n_train=3000, n_dev=300, n_test=300, answer_position='early',
+                     vocab_size=1000),
+  ))
+
+
+def default_loop_config() -> ml_collections.ConfigDict:
+  """The loop's fields of `config.train` (the step's are in train_step.default_config)."""
+  return ml_collections.ConfigDict(dict(
+      task='finetune', steps=1000, seed=0, log_every=50, eval_every=0, eval_examples=200,
+      checkpoint_every=500, keep_checkpoints=2, keep_best=1, async_checkpoints=True,
+      progress=True, final_eval_split='test',
+      divergence=dict(spike_factor=5.0, window=50, max_rollbacks=3, lr_cut=0.1),
+      debug_nan_at_step=-1,  # fault injection for tests: poison the parameters at this step
+  ))
+
+
+def default_init_config() -> ml_collections.ConfigDict:
+  """`config.init`: start fine-tuning from a pre-training checkpoint (FiDO appendix A)."""
+  return ml_collections.ConfigDict(dict(checkpoint='', carry_second_moments=True))
+
+
+# ----------------------------------------------------------------------------------------- data
+
+
+def resolve_data(data: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Generates the synthetic data if needed and fills in the file paths; checks files exist."""
+  data = ml_collections.ConfigDict(data.to_dict())
+  if data.source == 'synthetic':
+    s = data.synthetic
+    paths = synthetic.prepare_synthetic(
+        data.dir, s.seed, n_train=s.n_train, n_dev=s.n_dev, n_test=s.n_test,
+        n_passages=data.n_passages, answer_position=s.answer_position, vocab_size=s.vocab_size)
+    for field in ('tokenizer', 'train', 'dev', 'test', 'corpus'):
+      data[field] = data[field] or getattr(paths, field)
+  elif data.source != 'files':
+    raise ValueError(f"config.data.source={data.source!r}: expected 'synthetic' or 'files'")
+  if not data.tokenizer or not os.path.isfile(data.tokenizer):
+    raise FileNotFoundError(f'config.data.tokenizer={data.tokenizer!r} is not a file')
+  return data
+
+
+def make_train_loader(config: ml_collections.ConfigDict, tokenizer: Tokenizer):
+  data, train = config.data, config.train
+  per_process = train.batch_size // jax.process_count()
+  if train.task == 'finetune':
+    records, report = fid_format.read_fid_file(data.train, n_passages=data.n_passages)
+    _LOG.info('train data %s: %s', data.train, report.summary())
+    return pipeline.qa_train_loader(
+        records, tokenizer, batch_size=per_process, n_passages=data.n_passages,
+        passage_len=data.passage_len, target_len=data.target_len, seed=train.seed,
+        answer_choice=data.answer_choice)
+  if not data.corpus or not os.path.isfile(data.corpus):
+    raise FileNotFoundError(f'config.data.corpus={data.corpus!r}: pre-training needs a text corpus '
+                            '(one document per line)')
+  with open(data.corpus, encoding='utf-8') as f:
+    documents = [line.strip() for line in f if line.strip()]
+  return pipeline.span_corruption_loader(
+      documents, tokenizer, batch_size=per_process, seed=train.seed,
+      inputs_length=data.inputs_length, qa_shaped=True)
+
+
+# ---------------------------------------------------------------------------------- bookkeeping
+
+
+def _comparable(config: ml_collections.ConfigDict) -> dict:
+  """The parts of a config that define a run (not its length, logging or evaluation)."""
+  d = config.to_dict()
+  for section, fields in (('train', ('steps', 'log_every', 'eval_every', 'eval_examples',
+                                     'progress', 'checkpoint_every', 'debug_nan_at_step')),
+                          ('eval', None), ('bench', None)):
+    if fields is None:
+      d.pop(section, None)
+    else:
+      for field in fields:
+        d.get(section, {}).pop(field, None)
+  return json.loads(json.dumps(d, default=str))
+
+
+def prepare_workdir(config: ml_collections.ConfigDict, workdir: str, overwrite: bool) -> None:
+  """Refuses to mix two different runs in one workdir unless `overwrite` (which wipes it)."""
+  path = os.path.join(workdir, 'config.json')
+  if os.path.exists(path):
+    with open(path) as f:
+      previous = json.load(f)
+    if previous != _comparable(config):
+      if not overwrite:
+        changed = sorted(k for k in set(previous) | set(_comparable(config))
+                         if previous.get(k) != _comparable(config).get(k))
+        raise ValueError(f'workdir {workdir!r} holds a different run (config sections differ: '
+                         f'{changed}); use another --workdir or pass --overwrite to replace it')
+      shutil.rmtree(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  with open(path, 'w') as f:
+    json.dump(_comparable(config), f, indent=1, sort_keys=True)
+
+
+class MetricsWriter:
+  def __init__(self, workdir: str):
+    self.path = os.path.join(workdir, 'metrics.jsonl')
+
+  def write(self, **record: Any) -> None:
+    if jax.process_index() == 0:
+      with open(self.path, 'a') as f:
+        f.write(json.dumps(record, default=float) + '\n')
+
+
+class DivergenceMonitor:
+  """Non-finite losses and spikes above `spike_factor` x the mean of the last `window` losses."""
+
+  def __init__(self, spike_factor: float, window: int):
+    self.spike_factor = spike_factor
+    self.recent = collections.deque(maxlen=window)
+
+  def diverged(self, loss: float, is_finite: bool) -> str | None:
+    if not is_finite or not np.isfinite(loss):
+      return f'non-finite loss {loss}'
+    if len(self.recent) == self.recent.maxlen:
+      mean = float(np.mean(self.recent))
+      if loss > self.spike_factor * mean:
+        return f'loss {loss:.4g} > {self.spike_factor} x running mean {mean:.4g}'
+    self.recent.append(loss)
+    return None
+
+  def reset(self) -> None:
+    self.recent.clear()
+
+
+# -------------------------------------------------------------------------------- initialisation
+
+
+def _abstract(tree):
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+
+
+def init_from_pretrained(config: ml_collections.ConfigDict, state: train_step_lib.TrainState,
+                         optimizer) -> train_step_lib.TrainState:
+  """Loads `config.init.checkpoint`'s params and, unless switched off, its second moments.
+
+  FiDO appendix A: fine-tuning keeps the pre-training Adafactor second-moment estimates rather than
+  re-estimating them from scratch (the first fine-tuning updates are then well scaled).
+  """
+  directory = config.init.checkpoint
+  if os.path.isdir(os.path.join(directory, 'checkpoints')):
+    directory = os.path.join(directory, 'checkpoints')
+  source = checkpoint_lib.Checkpointer(directory, read_only=True)
+  restored = source.restore({'params': _abstract(state.params)})
+  state = state._replace(params=restored.state['params'])
+  if config.init.carry_second_moments:
+    if restored.config is None or 'optimizer' not in restored.config:
+      raise ValueError(f'{directory}: step {restored.step} has no saved optimizer config, so its '
+                       'optimizer state cannot be read; set config.init.carry_second_moments=False')
+    pre_optimizer = optim.make_optimizer(restored.config.optimizer)
+    abstract_opt = jax.eval_shape(pre_optimizer.init, state.params)
+    try:
+      _, pre_opt_state = source.restore_optimizer_state(abstract_opt, restored.step)
+    except checkpoint_lib.CheckpointMismatchError as e:
+      raise ValueError(f'{directory}: cannot carry second moments over: {e}') from e
+    opt_state = optim.carry_over_second_moments(pre_opt_state, state.opt_state)
+    state = state._replace(opt_state=jax.device_put(opt_state, jax.tree.map(
+        lambda x: x.sharding, state.opt_state)))
+  _LOG.info('initialised from %s step %d (second moments %s)', directory, restored.step,
+            'carried over' if config.init.carry_second_moments else 'fresh')
+  source.close()
+  return state
+
+
+# ---------------------------------------------------------------------------------------- loop
+
+
+def _host_batch(batch: dict) -> dict:
+  return {k: batch[k] for k in train_step_lib.BATCH_KEYS}
+
+
+def dev_eval(config, model, params, tokenizer, records) -> dict[str, float]:
+  metrics, _ = evaluate.evaluate_records(
+      model, params, records, tokenizer, n_passages=config.data.n_passages,
+      passage_len=config.data.passage_len, target_len=config.data.target_len,
+      batch_size=config.eval.batch_size, beam_size=config.eval.beam_size, alpha=config.eval.alpha,
+      progress=False)
+  return metrics
+
+
+def _read_records(path: str, limit: int = 0) -> list[dict]:
+  records, _ = fid_format.read_fid_file(path)
+  return records[:limit] if limit else records
+
+
+def train(config: ml_collections.ConfigDict, workdir: str, *, overwrite: bool = False
+          ) -> dict[str, Any]:
+  """Trains `config` in `workdir` (resuming if it holds a checkpoint); returns the final metrics."""
+  start_time = time.perf_counter()
+  sharding.maybe_initialize_distributed(config.sharding.distributed)
+  if config.train.task not in TASKS:
+    raise ValueError(f'config.train.task={config.train.task!r}; expected one of {TASKS}')
+  train_step_lib.validate_train_config(config.train)
+  prepare_workdir(config, workdir, overwrite)
+  config = ml_collections.ConfigDict(config.to_dict())
+  config.data = resolve_data(config.data)
+  tokenizer = load_tokenizer(config.data.tokenizer)
+  if tokenizer.vocab_size > config.model.vocab_size:
+    raise ValueError(f'the tokenizer {config.data.tokenizer} needs vocab_size '
+                     f'{tokenizer.vocab_size} > config.model.vocab_size={config.model.vocab_size}')
+  model = make_model(config.model)
+  optimizer = optim.make_optimizer(config.optimizer)
+  mesh = sharding.make_mesh(dict(config.sharding.mesh))
+  sharding.check_batch_size(config.train.batch_size, mesh, config.train.gradient_accumulation_steps)
+
+  loader = make_train_loader(config, tokenizer)
+  iterator = iter(loader)
+  example = _host_batch(next(iter(loader)))
+  state, state_shardings = sharding.init_sharded_train_state(
+      model, optimizer, jax.random.PRNGKey(config.train.seed), example, mesh,
+      strict=config.sharding.strict)
+  finetune = config.train.task == 'finetune'
+  keep_best = config.train.keep_best if finetune and config.train.eval_every else 0
+  ckpt = checkpoint_lib.Checkpointer(
+      os.path.join(workdir, 'checkpoints'), keep_last=config.train.keep_checkpoints,
+      keep_best=keep_best, best_metric='dev_exact_match' if keep_best else None,
+      async_save=config.train.async_checkpoints)
+  if ckpt.latest_step() is not None:
+    restored = ckpt.restore(_abstract(state))
+    state = restored.state
+    iterator.set_state(restored.data_state)
+    _LOG.info('resumed from %s step %d', ckpt.directory, restored.step)
+  elif config.init.checkpoint:
+    state = init_from_pretrained(config, state, optimizer)
+
+  step_fn = sharding.make_sharded_train_step(
+      train_step_lib.make_train_step(model, optimizer, config.train), state_shardings, mesh)
+  writer = MetricsWriter(workdir)
+  monitor = DivergenceMonitor(config.train.divergence.spike_factor, config.train.divergence.window)
+  dev_records = (_read_records(config.data.dev, config.train.eval_examples)
+                 if finetune and config.train.eval_every else [])
+  rollbacks, poisoned = 0, False
+  step = int(state.step)
+  total = config.train.steps
+  examples_per_step = config.train.batch_size
+  bar = tqdm.tqdm(total=total, initial=step, disable=not config.train.progress, unit='step',
+                  dynamic_ncols=True)
+  window_start, window_steps, tokens = time.perf_counter(), 0, 0.0
+  while step < total:
+    if step == config.train.debug_nan_at_step and not poisoned:
+      poisoned = True  # simulate a blow-up: the next update sees NaN parameters
+      state = state._replace(params=jax.tree.map(lambda x: x * jnp.nan, state.params))
+    batch = sharding.make_global_batch(_host_batch(next(iterator)), mesh)
+    state, metrics = step_fn(state, batch)
+    metrics = jax.device_get(metrics)
+    reason = monitor.diverged(float(metrics['loss']), bool(metrics['is_finite']))
+    if reason:
+      rollbacks += 1
+      if rollbacks > config.train.divergence.max_rollbacks:
+        raise FloatingPointError(f'training diverged at step {step + 1} ({reason}) after '
+                                 f'{rollbacks - 1} rollbacks; giving up')
+      ckpt.wait()
+      if ckpt.latest_step() is None:
+        raise FloatingPointError(f'training diverged at step {step + 1} ({reason}) before the '
+                                 'first checkpoint; nothing to roll back to')
+      restored = ckpt.restore(_abstract(state))
+      ckpt.delete_after(restored.step)
+      lr_scale = optim.get_lr_scale(state.opt_state) * config.train.divergence.lr_cut
+      state = restored.state._replace(opt_state=optim.scale_learning_rate(
+          restored.state.opt_state, lr_scale / optim.get_lr_scale(restored.state.opt_state)))
+      iterator.set_state(restored.data_state)
+      monitor.reset()
+      _LOG.warning('step %d: %s; rolled back to step %d, learning rate x%g', step + 1, reason,
+                   restored.step, lr_scale)
+      writer.write(step=step + 1, event='rollback', reason=reason, to_step=restored.step,
+                   lr_scale=lr_scale)
+      step = restored.step
+      bar.reset(total=total)
+      bar.update(step)
+      continue
+    step += 1
+    bar.update(1)
+    window_steps += 1
+    tokens += float(metrics['num_tokens'])
+    if step % config.train.log_every == 0 or step == total:
+      seconds = time.perf_counter() - window_start
+      record = {k: float(v) for k, v in metrics.items() if k != 'is_finite'}
+      record.update(step=step, examples_per_second=window_steps * examples_per_step / seconds,
+                    target_tokens_per_second=tokens / seconds)
+      writer.write(**record)
+      bar.set_postfix(loss=f'{record["loss"]:.3f}', ex_s=f'{record["examples_per_second"]:.1f}')
+      window_start, window_steps, tokens = time.perf_counter(), 0, 0.0
+    dev_metrics = None
+    if dev_records and (step % config.train.eval_every == 0 or step == total):
+      dev_metrics = dev_eval(config, model, state.params, tokenizer, dev_records)
+      writer.write(step=step, event='dev_eval', **dev_metrics)
+      bar.write(f'step {step}: dev exact match {dev_metrics["exact_match"]:.3f}')
+    if step % config.train.checkpoint_every == 0 or step == total:
+      ckpt.save(step, state, data_state=iterator.get_state(), config=config,
+                metrics={'dev_exact_match': dev_metrics['exact_match']} if dev_metrics else None,
+                force=True)
+  bar.close()
+  ckpt.wait()
+  ckpt.close()
+  result = dict(workdir=workdir, step=step, task=config.train.task, rollbacks=rollbacks,
+                train_seconds=round(time.perf_counter() - start_time, 1))
+  if finetune and config.train.final_eval_split:
+    split = config.train.final_eval_split
+    eval_start = time.perf_counter()
+    test_metrics = dev_eval(config, model, state.params, tokenizer,
+                            _read_records(config.data[split]))
+    result.update({f'{split}_{k}': v for k, v in test_metrics.items()})
+    result[f'{split}_seconds'] = round(time.perf_counter() - eval_start, 1)
+    writer.write(step=step, event=f'{split}_eval', **test_metrics)
+  return result
