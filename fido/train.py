@@ -63,6 +63,7 @@ def default_loop_config() -> ml_collections.ConfigDict:
       progress=True, final_eval_split='test',
       divergence=dict(spike_factor=5.0, window=50, max_rollbacks=3, lr_cut=0.1),
       debug_nan_at_step=-1,  # fault injection for tests: poison the parameters at this step
+      debug_step_delay=0.0,  # seconds to sleep per step (tests kill a run mid-way)
   ))
 
 
@@ -118,7 +119,8 @@ def _comparable(config: ml_collections.ConfigDict) -> dict:
   """The parts of a config that define a run (not its length, logging or evaluation)."""
   d = config.to_dict()
   for section, fields in (('train', ('steps', 'log_every', 'eval_every', 'eval_examples',
-                                     'progress', 'checkpoint_every', 'debug_nan_at_step')),
+                                     'progress', 'checkpoint_every', 'debug_nan_at_step',
+                                     'debug_step_delay')),
                           ('eval', None), ('bench', None)):
     if fields is None:
       d.pop(section, None)
@@ -296,6 +298,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, overwrite: bool = 
       state = state._replace(params=jax.tree.map(lambda x: x * jnp.nan, state.params))
     batch = sharding.make_global_batch(_host_batch(next(iterator)), mesh)
     state, metrics = step_fn(state, batch)
+    if config.train.debug_step_delay:
+      time.sleep(config.train.debug_step_delay)
     metrics = jax.device_get(metrics)
     reason = monitor.diverged(float(metrics['loss']), bool(metrics['is_finite']))
     if reason:

@@ -1,0 +1,167 @@
+"""The training loop: loss falls, exact resume after SIGKILL, NaN rollback, carry-over, bad input."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from fido import checkpoint, optim, train
+from fido.config import load_config_file
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope='module')
+def data_dir(tmp_path_factory):
+  return str(tmp_path_factory.mktemp('synthetic'))
+
+
+def smoke_config(data_dir, **train_overrides):
+  config = load_config_file(os.path.join(REPO, 'experiments/embedded.py:fido,smoke'))
+  config.data.dir = data_dir
+  config.train.progress = False
+  config.train.update(train_overrides)
+  return config
+
+
+def read_metrics(workdir):
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    return [json.loads(line) for line in f]
+
+
+def final_params(workdir):
+  with checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'), read_only=True) as ckpt:
+    step = ckpt.latest_step()
+    directory = ckpt.directory / str(step) / 'params'
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  return step, ocp.StandardCheckpointer().restore(directory)
+
+
+def test_finetune_loss_falls_and_writes_metrics(data_dir, tmp_path):
+  config = smoke_config(data_dir, steps=24, log_every=4, eval_every=12, checkpoint_every=12)
+  config.optimizer.learning_rate = 1e-2
+  result = train.train(config, str(tmp_path / 'run'))
+  assert result['step'] == 24 and result['test_count'] == 16
+  assert 0.0 <= result['test_exact_match'] <= 1.0
+  logged = [m for m in read_metrics(tmp_path / 'run') if 'loss' in m]
+  assert [m['step'] for m in logged] == [4, 8, 12, 16, 20, 24]
+  assert logged[-1]['loss'] < logged[0]['loss'] - 0.5
+  assert all(m['examples_per_second'] > 0 for m in logged)
+  assert any(m.get('event') == 'dev_eval' for m in read_metrics(tmp_path / 'run'))
+
+
+def test_kill_and_resume_is_bit_identical(data_dir, tmp_path):
+  steps = 12
+  reference = smoke_config(data_dir, steps=steps, checkpoint_every=2)
+  train.train(reference, str(tmp_path / 'reference'))
+
+  workdir = str(tmp_path / 'killed')
+  command = [sys.executable, os.path.join(REPO, 'run.py'), '--mode=train', f'--workdir={workdir}',
+             f'--config={os.path.join(REPO, "experiments/embedded.py")}:fido,smoke',
+             f'--config.data.dir={data_dir}', f'--config.train.steps={steps}',
+             '--config.train.checkpoint_every=2', '--config.train.debug_step_delay=0.4',
+             '--config.train.progress=False']
+  process = subprocess.Popen(command, cwd=str(tmp_path), stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+  deadline = time.time() + 240
+  while not os.path.isdir(os.path.join(workdir, 'checkpoints', '4')):
+    assert process.poll() is None, 'the run ended before it could be killed'
+    assert time.time() < deadline, 'no checkpoint appeared'
+    time.sleep(0.1)
+  process.send_signal(signal.SIGKILL)
+  process.wait()
+  killed_at = max(int(s) for s in os.listdir(os.path.join(workdir, 'checkpoints')) if s.isdigit())
+  assert killed_at < steps
+
+  train.train(smoke_config(data_dir, steps=steps, checkpoint_every=2), workdir)
+  step_a, params_a = final_params(str(tmp_path / 'reference'))
+  step_b, params_b = final_params(workdir)
+  assert step_a == step_b == steps
+  for a, b in zip(jax.tree.leaves(params_a), jax.tree.leaves(params_b)):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_nan_rolls_back_to_the_last_checkpoint_and_cuts_the_learning_rate(data_dir, tmp_path):
+  config = smoke_config(data_dir, steps=8, checkpoint_every=2, debug_nan_at_step=5)
+  config.train.final_eval_split = ''
+  result = train.train(config, str(tmp_path / 'run'))
+  assert result['rollbacks'] == 1 and result['step'] == 8
+  events = [m for m in read_metrics(tmp_path / 'run') if m.get('event') == 'rollback']
+  assert len(events) == 1
+  assert events[0]['to_step'] == 4 and 'non-finite' in events[0]['reason']
+  assert events[0]['lr_scale'] == pytest.approx(0.1)
+  _, params = final_params(str(tmp_path / 'run'))
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
+
+
+def test_divergence_monitor_detects_spikes():
+  monitor = train.DivergenceMonitor(spike_factor=3.0, window=4)
+  assert not any(monitor.diverged(loss, True) for loss in (2.0, 2.1, 1.9, 2.0, 2.2))
+  assert 'running mean' in monitor.diverged(7.0, True)
+  assert 'non-finite' in monitor.diverged(float('nan'), True)
+  assert 'non-finite' in monitor.diverged(1.0, False)
+
+
+def test_finetune_from_pretraining_carries_second_moments(data_dir, tmp_path):
+  pre = smoke_config(data_dir, task='pretrain', steps=3, checkpoint_every=3)
+  pre.data.inputs_length = 32
+  pre.optimizer = optim.pretraining_config()
+  train.train(pre, str(tmp_path / 'pre'))
+
+  fine = smoke_config(data_dir, steps=1)
+  fine.optimizer.name = 'fido_adafactor'
+  fine.init.checkpoint = str(tmp_path / 'pre')
+  model = train.make_model(fine.model)
+  optimizer = optim.make_optimizer(fine.optimizer)
+  batch = {'passage_ids': np.ones((1, 1, 4), np.int32), 'passage_mask': np.ones((1, 1, 4), bool),
+           'target_ids': np.ones((1, 2), np.int32)}
+  fresh = jax.jit(lambda: train.train_step_lib.init_train_state(
+      model, optimizer, jax.random.PRNGKey(0), batch))()
+  carried = train.init_from_pretrained(fine, fresh, optimizer)
+  with checkpoint.Checkpointer(os.path.join(tmp_path, 'pre', 'checkpoints'), read_only=True) as c:
+    _, pre_opt = c.restore_optimizer_state(jax.eval_shape(
+        optim.make_optimizer(pre.optimizer).init, fresh.params))
+  pre_v = jax.tree.leaves(pre_opt[0].v)
+  assert any(np.abs(v).max() > 0 for v in pre_v)
+  for got, want in zip(jax.tree.leaves(carried.opt_state[0].v), pre_v):
+    np.testing.assert_array_equal(got, want)
+
+  fine.init.carry_second_moments = False
+  not_carried = train.init_from_pretrained(fine, fresh, optimizer)
+  assert all(np.abs(v).max() == 0 for v in jax.tree.leaves(not_carried.opt_state[0].v))
+
+
+def test_bad_inputs_fail_clearly(data_dir, tmp_path):
+  config = smoke_config(data_dir)
+  train.prepare_workdir(config, str(tmp_path / 'run'), overwrite=False)
+  other = smoke_config(data_dir)
+  other.model.decoder.cross_attention_period = 1
+  with pytest.raises(ValueError, match=r"holds a different run .*'model'.*--overwrite"):
+    train.prepare_workdir(other, str(tmp_path / 'run'), overwrite=False)
+  train.prepare_workdir(other, str(tmp_path / 'run'), overwrite=True)  # replaces it
+
+  missing = smoke_config(data_dir)
+  missing.init.checkpoint = str(tmp_path / 'nowhere')
+  with pytest.raises(FileNotFoundError, match='no checkpoint found'):
+    train.train(missing, str(tmp_path / 'missing'))
+
+  odd_batch = smoke_config(data_dir)
+  odd_batch.train.batch_size = 15
+  odd_batch.train.gradient_accumulation_steps = 2
+  with pytest.raises(ValueError, match='batch_size=15 is not divisible'):
+    train.train(odd_batch, str(tmp_path / 'odd'))
+
+  bad_task = smoke_config(data_dir, task='distill')
+  with pytest.raises(ValueError, match="config.train.task='distill'"):
+    train.train(bad_task, str(tmp_path / 'task'))
+
+  small_vocab = smoke_config(data_dir)
+  small_vocab.model.vocab_size = 256
+  with pytest.raises(ValueError, match='needs vocab_size 1152 > config.model.vocab_size=256'):
+    train.train(small_vocab, str(tmp_path / 'vocab'))
