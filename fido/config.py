@@ -202,12 +202,13 @@ def default_config() -> ml_collections.ConfigDict:
   """The sections every experiment has; experiment files fill in `model` and override the rest."""
   # Each section's defaults live beside the code that reads them.
   from fido import evaluate, optim, sharding, train, train_step  # pylint: disable=g-import-not-at-top
+  from fido.data import sources  # pylint: disable=g-import-not-at-top
   train_config = train_step.default_config()
   train_config.update(train.default_loop_config())
   return ml_collections.ConfigDict(dict(
       name='',
       model=model_config('tiny'),
-      data=train.default_data_config(),
+      data=sources.default_data_config(),
       train=train_config,
       optimizer=optim.default_config(),
       init=train.default_init_config(),

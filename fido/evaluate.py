@@ -45,6 +45,7 @@ from fido.config import ConfigError
 from fido.data.errors import DataError
 from fido.data.fid_format import read_fid_file
 from fido.data.pipeline import qa_eval_loader
+from fido.data.sources import resolve_data
 from fido.data.tokenizer import Tokenizer, load_tokenizer
 from fido.decoding import DecodeOutput, make_decode_fn
 from fido.model.fid import FiDFunctions, init_params, make_model
@@ -447,6 +448,8 @@ def run_eval(config: ml_collections.ConfigDict) -> Any:
   if not ev.checkpoint:
     raise ConfigError('config.eval.checkpoint is empty: set --config.eval.checkpoint=DIR '
                       '(a checkpoint directory or a training workdir)')
+  if config.get('data') is not None:
+    config.data = resolve_data(config.data)  # e.g. generate the synthetic split files if missing
   if ev.watch:
     rows = watch(config, ev.checkpoint, split_path=ev.split, out_dir=ev.out_dir,
                  poll_seconds=ev.poll_seconds, timeout_seconds=ev.timeout_seconds,

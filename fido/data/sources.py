@@ -1,0 +1,38 @@
+"""Where the data comes from: the `config.data` section and its resolution to files on disk."""
+
+import os
+
+import ml_collections
+
+from fido.data import synthetic
+
+
+def default_data_config() -> ml_collections.ConfigDict:
+  """The `config.data` section: synthetic retrieval-QA (generated locally) or FiD-format files."""
+  return ml_collections.ConfigDict(dict(
+      source='synthetic',    # 'synthetic' (generated into `dir`) | 'files' (the paths below)
+      dir='data/generated/synthetic',
+      tokenizer='', train='', dev='', test='', corpus='',  # filled in for 'synthetic'
+      n_passages=10, passage_len=256, target_len=32,
+      answer_choice='first',  # training target when there is no `target`: 'first' | 'random'
+      inputs_length=512,      # pre-training (span corruption) input length; targets follow
+      synthetic=dict(seed=0, n_train=3000, n_dev=300, n_test=300, answer_position='early',
+                     vocab_size=1000),
+  ))
+
+
+def resolve_data(data: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Generates the synthetic data if needed and fills in the file paths; checks files exist."""
+  data = ml_collections.ConfigDict(data.to_dict())
+  if data.source == 'synthetic':
+    s = data.synthetic
+    paths = synthetic.prepare_synthetic(
+        data.dir, s.seed, n_train=s.n_train, n_dev=s.n_dev, n_test=s.n_test,
+        n_passages=data.n_passages, answer_position=s.answer_position, vocab_size=s.vocab_size)
+    for field in ('tokenizer', 'train', 'dev', 'test', 'corpus'):
+      data[field] = data[field] or getattr(paths, field)
+  elif data.source != 'files':
+    raise ValueError(f"config.data.source={data.source!r}: expected 'synthetic' or 'files'")
+  if not data.tokenizer or not os.path.isfile(data.tokenizer):
+    raise FileNotFoundError(f'config.data.tokenizer={data.tokenizer!r} is not a file')
+  return data
