@@ -1,11 +1,12 @@
 """Synthetic retrieval QA: the embedded default data set and a test bed.
 
-Invented places (entities) each have one invented value per attribute (capital, founder, ...). A
-question asks for one attribute of one entity; its answer (a multi-token invented string) appears in
-exactly one of the example's passages. The other passages are distractors: other attributes of the
-same entity and the same attribute of other entities. Names and values are unique invented phrases,
-so an answer never occurs in another passage, and dev/test use entities never seen in training: the
-model must find the right passage and copy, it cannot memorize. answer_position='late' puts the fact
+Invented places (entities) are asked about their attributes (capital, founder, ...). A question asks
+for one attribute of one entity; its answer (a multi-token invented string) appears in exactly one
+of the example's passages. The other passages are distractors: other attributes of the same entity
+and the same attribute of other entities. Every example states freshly drawn values (each record is
+its own small world), names and values are unique invented phrases, so an answer never occurs in
+another passage or record, and dev/test use entities never seen in training: the model must find the
+right passage and copy; memorizing entity -> value facts from the training set cannot help. answer_position='late' puts the fact
 after the filler sentences of its passage (FiD-Light, which keeps only the first tokens of each
 passage, is then at a disadvantage, as the FiDO paper found). Everything is a function of the seed.
 
@@ -26,7 +27,7 @@ import numpy as np
 
 from fido.data import tokenizer as tokenizer_lib
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 ANSWER_POSITIONS = ("early", "late")
 
 # (attribute, question template, fact template); {e} = entity, {v} = value.
@@ -98,8 +99,12 @@ def _passage(entity: dict, attribute: str, rng: np.random.Generator, answer_posi
 
 
 def make_example(entities: list[dict], entity_index: int, attribute: str, n_passages: int,
-                 rng: np.random.Generator, answer_position: str = "early") -> dict:
-  """One FiD record: the gold passage and distractors, shuffled, with decreasing scores."""
+                 rng: np.random.Generator, answer_position: str = "early",
+                 words: _Words | None = None) -> dict:
+  """One FiD record: the gold passage and distractors, shuffled, with decreasing scores.
+
+  With `words`, every value this record states is drawn afresh (its own world); else the entities'.
+  """
   entity = entities[entity_index]
   others = [a for a, _, _ in ATTRIBUTES if a != attribute]
   n_same_entity = min(int(rng.integers(2, 5)), len(others), n_passages - 1)
@@ -111,6 +116,12 @@ def make_example(entities: list[dict], entity_index: int, attribute: str, n_pass
   other_entities = [i for i in rng.permutation(len(entities)) if i != entity_index]
   other_entities = other_entities[:n_same_attribute]
   passages += [(entities[i], attribute) for i in other_entities]
+  if words is not None:  # copies of the entities, with this record's own values
+    copies = {}
+    passages = [(copies.setdefault(id(e), dict(e)), a) for e, a in passages]
+    for e, a in passages:
+      e[a] = words.phrase()
+    entity = passages[0][0]
   order = rng.permutation(len(passages))
   scores = np.sort(rng.uniform(60.0, 90.0, len(passages)))[::-1]
   ctxs = []
@@ -123,14 +134,15 @@ def make_example(entities: list[dict], entity_index: int, attribute: str, n_pass
 
 
 def make_split(entities: list[dict], n_examples: int, n_passages: int, rng: np.random.Generator,
-               answer_position: str = "early") -> list[dict]:
-  """n_examples records over distinct (entity, attribute) pairs of `entities`."""
+               answer_position: str = "early", words: _Words | None = None) -> list[dict]:
+  """n_examples records over distinct (entity, attribute) pairs of `entities` (fresh values per
+  record when `words` is given)."""
   pairs = len(entities) * len(ATTRIBUTES)
   if n_examples > pairs:
     raise ValueError(f"{n_examples} examples need more than {len(entities)} entities")
   chosen = rng.permutation(pairs)[:n_examples]
   return [make_example(entities, int(p) // len(ATTRIBUTES), ATTRIBUTES[int(p) % len(ATTRIBUTES)][0],
-                       n_passages, rng, answer_position) for p in chosen]
+                       n_passages, rng, answer_position, words) for p in chosen]
 
 
 def corpus_documents(entities: list[dict], rng: np.random.Generator) -> list[str]:
@@ -157,7 +169,7 @@ def generate(seed: int = 0, n_train: int = 3000, n_dev: int = 300, n_test: int =
   out = {}
   for split, n in (("train", n_train), ("dev", n_dev), ("test", n_test)):
     entities = make_entities(words, max(-(-n // per_entity), n_passages))
-    out[split] = make_split(entities, n, n_passages, rng, answer_position)
+    out[split] = make_split(entities, n, n_passages, rng, answer_position, words)
     if split == "train":
       out["corpus"] = corpus_documents(entities, rng)
   return out
