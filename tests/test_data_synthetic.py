@@ -76,9 +76,10 @@ def test_dev_and_test_entities_unseen_in_training(data):
   train = entities("train")
   assert not train & entities("dev") and not train & entities("test")
   assert not entities("dev") & entities("test")
-  corpus = " ".join(data["corpus"])
-  assert not any(e in corpus for e in entities("dev") | entities("test"))
-  assert all(e in corpus for e in list(entities("train"))[:20])
+  corpus_words = re.findall(r"\w+|[^\w\s]", " ".join(data["corpus"]))  # punctuation separates
+  corpus_bigrams = set(zip(corpus_words, corpus_words[1:]))
+  assert not any(tuple(e.split()) in corpus_bigrams for e in entities("dev") | entities("test"))
+  assert all(tuple(e.split()) in corpus_bigrams for e in list(entities("train"))[:20])
 
 
 def test_scores_decrease_and_gold_position_varies(data):
@@ -112,7 +113,7 @@ def test_prepare_writes_readable_files_idempotently(tmp_path):
     assert len(records) == n and not report.skipped and not report.warnings
   tok = load_tokenizer(paths.tokenizer)
   assert tok.num_pieces == 600 and tok.vocab_size == 768
-  assert len(open(paths.corpus).read().splitlines()) == 50  # one document per training entity
+  assert len(open(paths.corpus).read().splitlines()) == 200  # one document per training record
   stamp = {p: os.stat(p).st_mtime_ns for p in (paths.train, paths.tokenizer)}
   assert synthetic.prepare_synthetic(tmp_path, seed=0, **SMALL, vocab_size=600) == paths
   assert {p: os.stat(p).st_mtime_ns for p in stamp} == stamp  # nothing rewritten

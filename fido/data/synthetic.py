@@ -3,16 +3,16 @@
 Invented places (entities) are asked about their attributes (capital, founder, ...). A question asks
 for one attribute of one entity; its answer (a multi-token invented string) appears in exactly one
 of the example's passages. The other passages are distractors: other attributes of the same entity
-and the same attribute of other entities. Every example states freshly drawn values (each record is
-its own small world), names and values are unique invented phrases, so an answer never occurs in
-another passage or record, and dev/test use entities never seen in training: the model must find the
-right passage and copy; memorizing entity -> value facts from the training set cannot help. answer_position='late' puts the fact
+and the same attribute of other entities. Every example draws fresh entity names and values (each
+record is its own small world of unique invented phrases), so an answer never occurs in another
+passage or record and dev/test entities are never seen in training: the model must learn to match
+the question's entity to a passage title and copy; memorizing names or facts cannot help. answer_position='late' puts the fact
 after the filler sentences of its passage (FiD-Light, which keeps only the first tokens of each
 passage, is then at a disadvantage, as the FiDO paper found). Everything is a function of the seed.
 
 prepare_synthetic(out_dir) writes the whole embedded default: FiD JSONL train/dev/test, a corpus
-(one document per line: every fact about each *training* entity, for pre-training and for the
-tokenizer) and a SentencePiece tokenizer trained on that corpus.
+(one document per line: each *training* record's question and passages, for pre-training and for
+the tokenizer) and a SentencePiece tokenizer trained on that corpus.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import numpy as np
 
 from fido.data import tokenizer as tokenizer_lib
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 ANSWER_POSITIONS = ("early", "late")
 
 # (attribute, question template, fact template); {e} = entity, {v} = value.
@@ -116,9 +116,11 @@ def make_example(entities: list[dict], entity_index: int, attribute: str, n_pass
   other_entities = [i for i in rng.permutation(len(entities)) if i != entity_index]
   other_entities = other_entities[:n_same_attribute]
   passages += [(entities[i], attribute) for i in other_entities]
-  if words is not None:  # copies of the entities, with this record's own values
+  if words is not None:  # copies of the entities, with this record's own names and values
     copies = {}
     passages = [(copies.setdefault(id(e), dict(e)), a) for e, a in passages]
+    for e in copies.values():
+      e['name'] = words.phrase()
     for e, a in passages:
       e[a] = words.phrase()
     entity = passages[0][0]
@@ -145,17 +147,12 @@ def make_split(entities: list[dict], n_examples: int, n_passages: int, rng: np.r
                        n_passages, rng, answer_position, words) for p in chosen]
 
 
-def corpus_documents(entities: list[dict], rng: np.random.Generator) -> list[str]:
-  """One document per entity, in the FiD input format so the tokenizer learns its keywords:
-  "question: {a question about it} title: {name} context: {its facts and 4 fillers, shuffled}"."""
-  docs = []
-  for e in entities:
-    sentences = [_fact(e, a) for a, _, _ in ATTRIBUTES]
-    sentences += [f.format(e=e["name"]) for f in FILLERS[:4]]
-    context = " ".join(sentences[i] for i in rng.permutation(len(sentences)))
-    question = ATTRIBUTES[int(rng.integers(len(ATTRIBUTES)))][1].format(e=e["name"])
-    docs.append(f"question: {question} title: {e['name']} context: {context}")
-  return docs
+def corpus_documents(records: list[dict]) -> list[str]:
+  """One document per training record, in the FiD input format so the tokenizer learns its
+  keywords: "question: {q} title: {t1} context: {c1} title: {t2} context: {c2} ..."."""
+  return [" ".join([f"question: {r['question']}"] +
+                   [f"title: {c['title']} context: {c['text']}" for c in r["ctxs"]])
+          for r in records]
 
 
 def generate(seed: int = 0, n_train: int = 3000, n_dev: int = 300, n_test: int = 300,
@@ -171,7 +168,7 @@ def generate(seed: int = 0, n_train: int = 3000, n_dev: int = 300, n_test: int =
     entities = make_entities(words, max(-(-n // per_entity), n_passages))
     out[split] = make_split(entities, n, n_passages, rng, answer_position, words)
     if split == "train":
-      out["corpus"] = corpus_documents(entities, rng)
+      out["corpus"] = corpus_documents(out["train"])
   return out
 
 
