@@ -10,9 +10,11 @@ from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'experiments/embedded.py:fido',
                                           'Experiment config file[:argument].')
-_MODE = flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'bench', 'analyze'], 'What to run.')
+_MODE = flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'bench', 'analyze', 'sweep'],
+                          'What to run.')
 _WORKDIR = flags.DEFINE_string('workdir', 'workdirs/embedded-fido',
-                               'train: where checkpoints, metrics and the config go.')
+                               'train: where checkpoints, metrics and the config go; sweep: the '
+                               'results directory (default: config.sweep.workdir).')
 _OVERWRITE = flags.DEFINE_bool('overwrite', False,
                                'train: replace a workdir that holds a different run.')
 _DEVICE = flags.DEFINE_string('device', 'tpu-v4',
@@ -35,6 +37,9 @@ def main(argv):
   elif _MODE.value == 'bench':
     from fido import bench  # pylint: disable=g-import-not-at-top
     bench.run_bench(config)
+  elif _MODE.value == 'sweep':
+    from fido import sweep  # pylint: disable=g-import-not-at-top
+    sweep.run_sweep(config, _WORKDIR.value if flags.FLAGS['workdir'].present else None)
   elif _MODE.value == 'analyze':
     from fido import analysis  # pylint: disable=g-import-not-at-top
     analysis.run_analyze(config, _DEVICE.value)
