@@ -10,7 +10,7 @@ from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'experiments/embedded.py:fido',
                                           'Experiment config file[:argument].')
-_MODE = flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'bench', 'analyze', 'sweep'],
+_MODE = flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'bench', 'analyze', 'sweep', 'convert'],
                           'What to run.')
 _WORKDIR = flags.DEFINE_string('workdir', 'workdirs/embedded-fido',
                                'train: where checkpoints, metrics and the config go; sweep: the '
@@ -40,6 +40,10 @@ def main(argv):
   elif _MODE.value == 'sweep':
     from fido import sweep  # pylint: disable=g-import-not-at-top
     sweep.run_sweep(config, _WORKDIR.value if flags.FLAGS['workdir'].present else None)
+  elif _MODE.value == 'convert':
+    import json  # pylint: disable=g-import-not-at-top
+    from fido import convert_fido  # pylint: disable=g-import-not-at-top
+    print(json.dumps(convert_fido.run_convert(config)))
   elif _MODE.value == 'analyze':
     from fido import analysis  # pylint: disable=g-import-not-at-top
     analysis.run_analyze(config, _DEVICE.value)

@@ -201,7 +201,7 @@ def bench_config(setting: str = 'paper') -> ml_collections.ConfigDict:
 def default_config() -> ml_collections.ConfigDict:
   """The sections every experiment has; experiment files fill in `model` and override the rest."""
   # Each section's defaults live beside the code that reads them.
-  from fido import evaluate, optim, sharding, train, train_step  # pylint: disable=g-import-not-at-top
+  from fido import convert_fido, evaluate, optim, sharding, train, train_step  # pylint: disable=g-import-not-at-top
   from fido.data import sources  # pylint: disable=g-import-not-at-top
   train_config = train_step.default_config()
   train_config.update(train.default_loop_config())
@@ -215,6 +215,7 @@ def default_config() -> ml_collections.ConfigDict:
       sharding=sharding.default_config(),
       eval=evaluate.default_config(),
       bench=bench_config('paper'),
+      convert=convert_fido.default_config(),
   ))
 
 
