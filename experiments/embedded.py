@@ -31,9 +31,14 @@ def get_config(arg: str | None = None):
 
   config.data.update(source='synthetic', dir='data/generated/synthetic', n_passages=10,
                      passage_len=40, target_len=8)
-  config.train.update(task='finetune', batch_size=16, steps=2000, log_every=50, eval_every=500,
+  # Enough fresh records that each is seen about once: a tiny model memorises a few thousand
+  # question -> answer pairs within ten epochs instead of learning to read (dev EM 0).
+  config.data.synthetic.n_train = 50_000
+  config.train.update(task='finetune', batch_size=32, steps=2000, log_every=50, eval_every=500,
                       eval_examples=100, checkpoint_every=500, z_loss=1e-4)
-  config.optimizer.update(name='adamw', learning_rate=3e-3, schedule='constant', warmup_steps=100)
+  # The paper's optimizer (unfactored Adafactor, constant decay, update clipping, parameter-scale
+  # updates) at T5's pre-training rate: learns this task from scratch far faster than AdamW 3e-3.
+  config.optimizer.update(name='fido_adafactor', learning_rate=1e-2, schedule='constant')
   config.eval.update(batch_size=50)
   config.bench = fido_config.bench_config('tiny')
   if arg.smoke:

@@ -27,8 +27,9 @@ import numpy as np
 
 from fido.data import tokenizer as tokenizer_lib
 
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 ANSWER_POSITIONS = ("early", "late")
+MAX_CORPUS_DOCUMENTS = 5000
 
 # (attribute, question template, fact template); {e} = entity, {v} = value.
 ATTRIBUTES = (
@@ -113,8 +114,8 @@ def make_example(entities: list[dict], entity_index: int, attribute: str, n_pass
     raise ValueError(f"{len(entities)} entities are too few for {n_passages} passages")
   passages = [(entity, attribute)]
   passages += [(entity, others[i]) for i in rng.permutation(len(others))[:n_same_entity]]
-  other_entities = [i for i in rng.permutation(len(entities)) if i != entity_index]
-  other_entities = other_entities[:n_same_attribute]
+  candidates = rng.choice(len(entities), size=n_same_attribute + 1, replace=False)
+  other_entities = [int(i) for i in candidates if i != entity_index][:n_same_attribute]
   passages += [(entities[i], attribute) for i in other_entities]
   if words is not None:  # copies of the entities, with this record's own names and values
     copies = {}
@@ -167,8 +168,8 @@ def generate(seed: int = 0, n_train: int = 3000, n_dev: int = 300, n_test: int =
   for split, n in (("train", n_train), ("dev", n_dev), ("test", n_test)):
     entities = make_entities(words, max(-(-n // per_entity), n_passages))
     out[split] = make_split(entities, n, n_passages, rng, answer_position, words)
-    if split == "train":
-      out["corpus"] = corpus_documents(out["train"])
+    if split == "train":  # enough text for the tokenizer and brief pre-training
+      out["corpus"] = corpus_documents(out["train"][:MAX_CORPUS_DOCUMENTS])
   return out
 
 
