@@ -386,5 +386,5 @@ def test_run_convert_with_the_uptrain_config(deep, tmp_path):
   assert up.init.checkpoint == summary['out_dir'] and not up.init.carry_second_moments
   assert fine.init.checkpoint == str(tmp_path / 'uptrain') and fine.init.carry_second_moments
   assert up.model.to_dict() == {**fine.model.to_dict(), 'dropout_rate': 0.0}
-  with pytest.raises(ValueError, match='no convert section'):
+  with pytest.raises(ValueError, match='set config.convert.encoder_checkpoint'):
     convert_fido.run_convert(load_config_file(os.path.join(REPO, 'experiments/embedded.py:fid')))
