@@ -24,8 +24,8 @@ class DecoderCache(NamedTuple):
   """Everything incremental decoding reuses between steps (a pytree).
 
   position:   int32 []  index of the next token to write
-  self_k/v:   per layer, [B, K, M, E] self-attention keys/values of the tokens decoded so far
-  cross_k/v:  per cross-attention layer, [B, C, S, E], projected once from the encoder output
+  self_k/v:   per layer, keys [B, K, E, M] / values [B, K, M, E] of the tokens decoded so far
+  cross_k/v:  per cross-attention layer, keys [B, C, E, S] / values [B, C, S, E], projected once
   cross_bias: float32 [B, 1, 1, S], 0 on real encoder tokens, a large negative on padding
   """
   position: jax.Array
@@ -61,7 +61,7 @@ class DecoderLayer(hk.Module):
     self.mlp = GatedGeluMLP(dec.d_ff, rate, policy, name='mlp')
 
   def project_cross_kv(self, enc_BxSxDenc: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Cross-attention keys/values [B, C, S, E]; the projections map encoder width -> C * E."""
+    """Cross-attention keys [B, C, E, S] and values [B, C, S, E]; projections map D_enc -> C * E."""
     return self.cross_attention.project_kv(enc_BxSxDenc)
 
   def __call__(self, x_BxTxD: jax.Array, self_bias: jax.Array, cross_kv, cross_bias: jax.Array,
@@ -69,19 +69,19 @@ class DecoderLayer(hk.Module):
     """One layer over T new positions.
 
     self_bias: float32 [1, H, T, T] (full) or [1, H, T, M] (cached): relative bias + causal mask.
-    cross_kv: (k, v) [B, C, S, E], or None in layers without cross-attention.
-    self_cache: None, or (k [B, K, M, E], v, position) to write the T new keys/values into.
+    cross_kv: (k [B, C, E, S], v [B, C, S, E]), or None in layers without cross-attention.
+    self_cache: None, or (k [B, K, E, M], v [B, K, M, E], position) to write the T new ones into.
     Returns (x [B, T, D], (k, v): this layer's self-attention keys/values incl. the new positions).
     """
     h_BxTxD = self.self_attention_norm(x_BxTxD)
-    k_BxKxTxE, v_BxKxTxE = self.self_attention.project_kv(h_BxTxD)
+    k_BxKxExT, v_BxKxTxE = self.self_attention.project_kv(h_BxTxD)
     if self_cache is not None:
       k_cache, v_cache, position = self_cache
-      k_BxKxTxE = jax.lax.dynamic_update_slice_in_dim(k_cache, k_BxKxTxE.astype(k_cache.dtype),
-                                                      position, axis=2)
+      k_BxKxExT = jax.lax.dynamic_update_slice_in_dim(k_cache, k_BxKxExT.astype(k_cache.dtype),
+                                                      position, axis=3)
       v_BxKxTxE = jax.lax.dynamic_update_slice_in_dim(v_cache, v_BxKxTxE.astype(v_cache.dtype),
                                                       position, axis=2)
-    h_BxTxD = self.self_attention.attend(self.self_attention.project_query(h_BxTxD), k_BxKxTxE,
+    h_BxTxD = self.self_attention.attend(self.self_attention.project_query(h_BxTxD), k_BxKxExT,
                                          v_BxKxTxE, self_bias, is_training=is_training)
     x_BxTxD = x_BxTxD + dropout(h_BxTxD, self.dropout_rate, is_training)
 
@@ -92,7 +92,7 @@ class DecoderLayer(hk.Module):
       x_BxTxD = x_BxTxD + dropout(h_BxTxD, self.dropout_rate, is_training)
 
     h_BxTxD = self.mlp(self.mlp_norm(x_BxTxD), is_training=is_training)
-    return x_BxTxD + dropout(h_BxTxD, self.dropout_rate, is_training), (k_BxKxTxE, v_BxKxTxE)
+    return x_BxTxD + dropout(h_BxTxD, self.dropout_rate, is_training), (k_BxKxExT, v_BxKxTxE)
 
 
 class Decoder(hk.Module):
@@ -139,15 +139,16 @@ class Decoder(hk.Module):
     """
     cross_kv = [layer.project_cross_kv(enc_BxSxDenc) for layer in self.layers
                 if layer.has_cross_attention]
-    shape = (enc_BxSxDenc.shape[0], self.num_kv_heads, max_length, self.d_kv)
-    empty = tuple(jnp.zeros(shape, self.cache_dtype) for _ in self.layers)
-    return DecoderCache(position=jnp.zeros([], jnp.int32), self_k=empty, self_v=empty,
+    b, k, e = enc_BxSxDenc.shape[0], self.num_kv_heads, self.d_kv
+    empty_k = tuple(jnp.zeros((b, k, e, max_length), self.cache_dtype) for _ in self.layers)
+    empty_v = tuple(jnp.zeros((b, k, max_length, e), self.cache_dtype) for _ in self.layers)
+    return DecoderCache(position=jnp.zeros([], jnp.int32), self_k=empty_k, self_v=empty_v,
                         cross_k=tuple(k for k, _ in cross_kv), cross_v=tuple(v for _, v in cross_kv),
                         cross_bias=mask_to_bias(enc_mask_BxS))
 
   def step(self, y_Bx1xD: jax.Array, cache: DecoderCache) -> tuple[jax.Array, DecoderCache]:
     """Decodes the token at `cache.position`; returns hidden [B, 1, D] and the updated cache."""
-    max_length = cache.self_k[0].shape[2]
+    max_length = cache.self_v[0].shape[2]
     self_bias = self._self_bias(cache.position[None], jnp.arange(max_length))
     x_Bx1xD = y_Bx1xD
     new_k, new_v = [], []
