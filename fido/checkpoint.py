@@ -27,6 +27,7 @@ which orbax never lists as a step.)
 
 import base64
 import logging
+import os
 from typing import Any, Mapping, NamedTuple
 
 import jax
@@ -98,7 +99,9 @@ class Checkpointer:
   def __init__(self, directory: str | epath.Path, *, keep_last: int = 3, keep_best: int = 0,
                best_metric: str | None = None, best_mode: str = 'max', async_save: bool = True,
                read_only: bool = False):
-    self.directory = epath.Path(directory)
+    directory = os.fspath(directory)
+    # orbax needs absolute paths; keep URLs (gs://...) as they are.
+    self.directory = epath.Path(directory if '://' in directory else os.path.abspath(directory))
     if read_only and not self.directory.exists():
       raise FileNotFoundError(f'no checkpoint found under {self.directory} (no such directory)')
     if keep_best and not best_metric:

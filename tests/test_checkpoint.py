@@ -227,3 +227,13 @@ def test_delete_after_allows_resaving_after_rollback(tmp_path):
     assert ckpt.save(2, _state(20))
   _assert_identical(checkpoint.Checkpointer(tmp_path).restore(_abstract(_state(20))).state,
                     _state(20))
+
+
+def test_relative_directories_work(tmp_path, monkeypatch):
+  """orbax refuses relative paths; run.py's default workdir is relative."""
+  monkeypatch.chdir(tmp_path)
+  with checkpoint.Checkpointer('workdirs/run/checkpoints') as ckpt:
+    ckpt.save(1, _state(1))
+  restored = checkpoint.Checkpointer('workdirs/run/checkpoints').restore(_abstract(_state(1)))
+  _assert_identical(restored.state, _state(1))
+  assert (tmp_path / 'workdirs/run/checkpoints/1').is_dir()
