@@ -30,7 +30,9 @@ def count_params(params) -> int:
   return sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(params))
 
 
-def _time(fn: Callable[[], Any], repeats: int, warmup: int) -> list[float]:
+def time_calls(fn: Callable[[], Any], repeats: int, warmup: int) -> list[float]:
+  """Seconds per call of `fn` after `warmup` untimed calls (jax results are waited for; other
+  results, e.g. torch tensors, pass through `block_until_ready` unchanged)."""
   for _ in range(warmup):
     jax.block_until_ready(fn())
   times = []
@@ -41,10 +43,15 @@ def _time(fn: Callable[[], Any], repeats: int, warmup: int) -> list[float]:
   return times
 
 
-def _summary(seconds: list[float], batch: int) -> dict[str, float]:
-  per_sample_ms = [1000.0 * s / batch for s in seconds]
-  return dict(median=statistics.median(per_sample_ms), min=min(per_sample_ms),
-              max=max(per_sample_ms))
+def timing_fields(encoder_s: list[float], decoder_s: list[float], batch: int) -> dict[str, Any]:
+  """Median and [min, max] milliseconds per sample of the encoder, the decoder and their sum."""
+  def per_sample_ms(seconds):
+    ms = [1000.0 * s / batch for s in seconds]
+    return statistics.median(ms), [round(min(ms), 3), round(max(ms), 3)]
+
+  (enc, enc_range), (dec, dec_range) = per_sample_ms(encoder_s), per_sample_ms(decoder_s)
+  return dict(encoder_ms=round(enc, 3), decoder_ms=round(dec, 3), total_ms=round(enc + dec, 3),
+              encoder_ms_range=enc_range, decoder_ms_range=dec_range)
 
 
 def random_inputs(rng: np.random.Generator, batch: int, n_passages: int, passage_len: int,
@@ -72,16 +79,12 @@ def bench_model(config: ml_collections.ConfigDict) -> Iterator[dict[str, Any]]:
     enc, enc_mask = jax.block_until_ready(encode(params, ids, mask))
     jax.block_until_ready(decode(params, enc, enc_mask))
     compile_s = time.perf_counter() - compile_start
-    encoder = _time(lambda: encode(params, ids, mask), bench.repeats, bench.warmup)
-    decoder = _time(lambda: decode(params, enc, enc_mask), bench.repeats, bench.warmup)
-    enc_ms, dec_ms = _summary(encoder, batch), _summary(decoder, batch)
+    encoder = time_calls(lambda: encode(params, ids, mask), bench.repeats, bench.warmup)
+    decoder = time_calls(lambda: decode(params, enc, enc_mask), bench.repeats, bench.warmup)
     yield dict(
         name=config.name, batch=batch, n_passages=bench.n_passages,
         passage_len=bench.passage_len, target_len=bench.target_len,
-        encoder_ms=round(enc_ms['median'], 3), decoder_ms=round(dec_ms['median'], 3),
-        total_ms=round(enc_ms['median'] + dec_ms['median'], 3),
-        encoder_ms_range=[round(enc_ms['min'], 3), round(enc_ms['max'], 3)],
-        decoder_ms_range=[round(dec_ms['min'], 3), round(dec_ms['max'], 3)],
+        **timing_fields(encoder, decoder, batch),
         repeats=bench.repeats, first_call_s=round(compile_s, 2), dtype=config.model.dtype,
         device=jax.devices()[0].device_kind, num_devices=jax.device_count(),
         params=count_params(params),

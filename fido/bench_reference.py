@@ -8,24 +8,12 @@ fused encoder states, exactly `target_len` greedy steps with the KV cache.
 """
 
 import os
-import time
 from typing import Any, Iterator
 
 import ml_collections
 import numpy as np
 
-from fido.bench import _summary
-
-
-def _time(fn, repeats: int, warmup: int) -> list[float]:
-  for _ in range(warmup):
-    fn()
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return times
+from fido.bench import time_calls, timing_fields
 
 
 def hf_t5_config(model: ml_collections.ConfigDict):
@@ -67,15 +55,11 @@ def bench_hf_reference(config: ml_collections.ConfigDict) -> Iterator[dict[str, 
           encoder_outputs=outputs, attention_mask=fused_mask, max_new_tokens=bench.target_len,
           min_new_tokens=bench.target_len, do_sample=False, num_beams=1, use_cache=True)
       assert decode().shape[1] == bench.target_len + 1  # the start token plus target_len steps
-      enc_ms = _summary(_time(encode, bench.repeats, bench.warmup), batch)
-      dec_ms = _summary(_time(decode, bench.repeats, bench.warmup), batch)
+      timings = timing_fields(time_calls(encode, bench.repeats, bench.warmup),
+                              time_calls(decode, bench.repeats, bench.warmup), batch)
     yield dict(
         name=f'hf-transformers-t5-{config.model.encoder.size}', batch=batch,
         n_passages=bench.n_passages, passage_len=bench.passage_len, target_len=bench.target_len,
-        encoder_ms=round(enc_ms['median'], 3), decoder_ms=round(dec_ms['median'], 3),
-        total_ms=round(enc_ms['median'] + dec_ms['median'], 3),
-        encoder_ms_range=[round(enc_ms['min'], 3), round(enc_ms['max'], 3)],
-        decoder_ms_range=[round(dec_ms['min'], 3), round(dec_ms['max'], 3)],
-        repeats=bench.repeats, dtype=config.model.dtype, device='cpu (torch)',
+        **timings, repeats=bench.repeats, dtype=config.model.dtype, device='cpu (torch)',
         torch=torch.__version__, transformers=transformers.__version__,
         threads=torch.get_num_threads())
