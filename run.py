@@ -16,7 +16,8 @@ _WORKDIR = flags.DEFINE_string('workdir', 'workdirs/embedded-fido',
                                'train: where checkpoints, metrics and the config go; sweep: the '
                                'results directory (default: config.sweep.workdir).')
 _OVERWRITE = flags.DEFINE_bool('overwrite', False,
-                               'train: replace a workdir that holds a different run.')
+                               'train: start afresh, deleting what the workdir holds (else a '
+                               'run resumes, and a different run there is refused).')
 _DEVICE = flags.DEFINE_string('device', 'tpu-v4',
                               'analyze: a device of fido.analysis.DEVICES, or "cpu" (probed).')
 

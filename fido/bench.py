@@ -3,7 +3,9 @@
 The encoder time covers embedding and encoding all passages; the decoder time covers projecting the
 cross-attention keys/values once plus the whole greedy loop of `target_len` steps (EOS ignored so
 that random weights decode the full length). Each is the median over `repeats` timed runs after
-`warmup` untimed ones, with `block_until_ready`, divided by the batch size.
+`warmup` untimed ones, with `block_until_ready`, divided by the batch size. With a reference
+(`config.bench.reference='hf'`), our calls and the reference's alternate round-robin, so that the
+machine's drift (other tenants, clock changes) hits both alike and the printed ratios are in-run.
 
 `max_batch_search` finds the largest batch that encode + greedy decode can run at (paper Table 1):
 by real allocations on an accelerator, from the memory model (`fido.analysis.max_batch`) on CPU.
@@ -14,7 +16,7 @@ import json
 import os
 import statistics
 import time
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -30,17 +32,27 @@ def count_params(params) -> int:
   return sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(params))
 
 
-def time_calls(fn: Callable[[], Any], repeats: int, warmup: int) -> list[float]:
-  """Seconds per call of `fn` after `warmup` untimed calls (jax results are waited for; other
-  results, e.g. torch tensors, pass through `block_until_ready` unchanged)."""
+def time_interleaved(fns: Sequence[Callable[[], Any]], repeats: int,
+                     warmup: int) -> list[list[float]]:
+  """Seconds per call of each of `fns`, called round-robin (`warmup` untimed rounds first).
+
+  jax results are waited for; other results (torch tensors) pass `block_until_ready` unchanged.
+  """
   for _ in range(warmup):
-    jax.block_until_ready(fn())
-  times = []
+    for fn in fns:
+      jax.block_until_ready(fn())
+  times = [[] for _ in fns]
   for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn())
-    times.append(time.perf_counter() - start)
+    for fn, seconds in zip(fns, times):
+      start = time.perf_counter()
+      jax.block_until_ready(fn())
+      seconds.append(time.perf_counter() - start)
   return times
+
+
+def time_calls(fn: Callable[[], Any], repeats: int, warmup: int) -> list[float]:
+  """Seconds per call of `fn` after `warmup` untimed calls."""
+  return time_interleaved([fn], repeats, warmup)[0]
 
 
 def timing_fields(encoder_s: list[float], decoder_s: list[float], batch: int) -> dict[str, Any]:
@@ -61,6 +73,47 @@ def random_inputs(rng: np.random.Generator, batch: int, n_passages: int, passage
   return jnp.asarray(ids), jnp.ones(ids.shape, bool)
 
 
+def fido_calls(config: ml_collections.ConfigDict, batch: int, rng: np.random.Generator,
+               model=None, params=None) -> tuple[Callable, Callable, float]:
+  """(encode, decode, first_call_s): zero-argument calls timing our model on one random batch.
+
+  first_call_s is the first (compiling) encode + decode; the calls themselves are compiled.
+  """
+  bench = config.bench
+  model = model or make_model(config.model)
+  if params is None:
+    ids, mask = random_inputs(rng, 1, 1, 8, config.model.vocab_size)
+    params = jax.jit(model.init)(jax.random.PRNGKey(bench.seed), ids, mask,
+                                 jnp.zeros((1, 4), jnp.int32))
+  encode = jax.jit(model.encode)
+  decode = jax.jit(lambda p, enc, enc_mask: greedy_decode_from_encoding(
+      model, p, enc, enc_mask, max_length=bench.target_len, stop_at_eos=False).tokens)
+  ids, mask = random_inputs(rng, batch, bench.n_passages, bench.passage_len,
+                            config.model.vocab_size)
+  start = time.perf_counter()
+  enc, enc_mask = jax.block_until_ready(encode(params, ids, mask))
+  jax.block_until_ready(decode(params, enc, enc_mask))
+  first_call_s = time.perf_counter() - start
+  return (lambda: encode(params, ids, mask)), (lambda: decode(params, enc, enc_mask)), first_call_s
+
+
+def _result(config: ml_collections.ConfigDict, batch: int, params, encoder_s: list[float],
+            decoder_s: list[float], first_call_s: float) -> dict[str, Any]:
+  bench = config.bench
+  return dict(
+      name=config.name, batch=batch, n_passages=bench.n_passages,
+      passage_len=bench.passage_len, target_len=bench.target_len,
+      **timing_fields(encoder_s, decoder_s, batch),
+      repeats=bench.repeats, first_call_s=round(first_call_s, 2), dtype=config.model.dtype,
+      device=jax.devices()[0].device_kind, num_devices=jax.device_count(),
+      params=count_params(params),
+      encoder=config.model.encoder.size, decoder=config.model.decoder.size,
+      cross_attention_period=config.model.decoder.cross_attention_period,
+      decoder_kv_heads=config.model.decoder.num_kv_heads,
+      cross_kv_heads=config.model.decoder.cross_num_kv_heads,
+      fid_light_k=config.model.fid_light_k)
+
+
 def bench_model(config: ml_collections.ConfigDict) -> Iterator[dict[str, Any]]:
   """Yields one result dict per batch size in `config.bench.batch_sizes`."""
   bench = config.bench
@@ -69,30 +122,10 @@ def bench_model(config: ml_collections.ConfigDict) -> Iterator[dict[str, Any]]:
   ids, mask = random_inputs(rng, 1, 1, 8, config.model.vocab_size)
   params = jax.jit(model.init)(jax.random.PRNGKey(bench.seed), ids, mask,
                                jnp.zeros((1, 4), jnp.int32))
-  encode = jax.jit(model.encode)
-  decode = jax.jit(lambda p, enc, enc_mask: greedy_decode_from_encoding(
-      model, p, enc, enc_mask, max_length=bench.target_len, stop_at_eos=False).tokens)
   for batch in bench.batch_sizes:
-    ids, mask = random_inputs(rng, batch, bench.n_passages, bench.passage_len,
-                              config.model.vocab_size)
-    compile_start = time.perf_counter()
-    enc, enc_mask = jax.block_until_ready(encode(params, ids, mask))
-    jax.block_until_ready(decode(params, enc, enc_mask))
-    compile_s = time.perf_counter() - compile_start
-    encoder = time_calls(lambda: encode(params, ids, mask), bench.repeats, bench.warmup)
-    decoder = time_calls(lambda: decode(params, enc, enc_mask), bench.repeats, bench.warmup)
-    yield dict(
-        name=config.name, batch=batch, n_passages=bench.n_passages,
-        passage_len=bench.passage_len, target_len=bench.target_len,
-        **timing_fields(encoder, decoder, batch),
-        repeats=bench.repeats, first_call_s=round(compile_s, 2), dtype=config.model.dtype,
-        device=jax.devices()[0].device_kind, num_devices=jax.device_count(),
-        params=count_params(params),
-        encoder=config.model.encoder.size, decoder=config.model.decoder.size,
-        cross_attention_period=config.model.decoder.cross_attention_period,
-        decoder_kv_heads=config.model.decoder.num_kv_heads,
-        cross_kv_heads=config.model.decoder.cross_num_kv_heads,
-        fid_light_k=config.model.fid_light_k)
+    encode, decode, first_call_s = fido_calls(config, batch, rng, model, params)
+    encoder_s, decoder_s = time_interleaved([encode, decode], bench.repeats, bench.warmup)
+    yield _result(config, batch, params, encoder_s, decoder_s, first_call_s)
 
 
 def _emit(result: dict[str, Any], output: str) -> None:
@@ -107,21 +140,40 @@ def run_bench(config: ml_collections.ConfigDict) -> list[dict[str, Any]]:
   """Prints one JSON line per result (and appends them to `config.bench.output` if set).
 
   With `config.bench.reference='hf'`, also times Hugging Face transformers' T5 FiD on the same
-  workload and prints the ratios reference / ours (> 1: we are faster).
+  workload, interleaved with ours call by call, and prints the ratios reference / ours (> 1: we
+  are faster). Returns our results.
   """
-  results = list(bench_model(config))
-  for result in results:
-    _emit(result, config.bench.output)
-  if config.bench.reference == 'hf':
-    from fido.bench_reference import bench_hf_reference  # pylint: disable=g-import-not-at-top
-    for ours, theirs in zip(results, bench_hf_reference(config)):
-      _emit(theirs, config.bench.output)
-      _emit(dict(name=f'speedup {ours["name"]} vs {theirs["name"]}', batch=ours['batch'],
-                 encoder=round(theirs['encoder_ms'] / ours['encoder_ms'], 2),
-                 decoder=round(theirs['decoder_ms'] / ours['decoder_ms'], 2),
-                 total=round(theirs['total_ms'] / ours['total_ms'], 2)), config.bench.output)
-  elif config.bench.reference:
-    raise ValueError(f'config.bench.reference={config.bench.reference!r}: expected "" or "hf"')
+  bench = config.bench
+  if bench.reference not in ('', 'hf'):
+    raise ValueError(f'config.bench.reference={bench.reference!r}: expected "" or "hf"')
+  if not bench.reference:
+    results = list(bench_model(config))
+    for result in results:
+      _emit(result, bench.output)
+    return results
+  from fido import bench_reference  # pylint: disable=g-import-not-at-top
+  model = make_model(config.model)
+  rng = np.random.default_rng(bench.seed)
+  ids, mask = random_inputs(rng, 1, 1, 8, config.model.vocab_size)
+  params = jax.jit(model.init)(jax.random.PRNGKey(bench.seed), ids, mask,
+                               jnp.zeros((1, 4), jnp.int32))
+  reference = bench_reference.HFReference(config)
+  results = []
+  for batch in bench.batch_sizes:
+    encode, decode, first_call_s = fido_calls(config, batch, rng, model, params)
+    hf_encode, hf_decode = reference.calls(batch, rng)
+    ours_enc, theirs_enc, ours_dec, theirs_dec = time_interleaved(
+        [encode, hf_encode, decode, hf_decode], bench.repeats, bench.warmup)
+    ours = _result(config, batch, params, ours_enc, ours_dec, first_call_s)
+    theirs = reference.result(batch, timing_fields(theirs_enc, theirs_dec, batch))
+    _emit(ours, bench.output)
+    _emit(theirs, bench.output)
+    _emit(dict(name=f'speedup {ours["name"]} vs {theirs["name"]}', batch=batch,
+               encoder=round(theirs['encoder_ms'] / ours['encoder_ms'], 2),
+               decoder=round(theirs['decoder_ms'] / ours['decoder_ms'], 2),
+               total=round(theirs['total_ms'] / ours['total_ms'], 2), interleaved=True),
+          bench.output)
+    results.append(ours)
   return results
 
 

@@ -8,12 +8,11 @@ fused encoder states, exactly `target_len` greedy steps with the KV cache.
 """
 
 import os
-from typing import Any, Iterator
+from typing import Any
 
 import ml_collections
 import numpy as np
 
-from fido.bench import time_calls, timing_fields
 
 
 def hf_t5_config(model: ml_collections.ConfigDict):
@@ -28,38 +27,52 @@ def hf_t5_config(model: ml_collections.ConfigDict):
       decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
 
 
-def bench_hf_reference(config: ml_collections.ConfigDict) -> Iterator[dict[str, Any]]:
-  """Yields one result dict per batch size, in the same format as `fido.bench.bench_model`."""
-  try:
-    import torch  # pylint: disable=g-import-not-at-top
-    import transformers  # pylint: disable=g-import-not-at-top
-  except ImportError as e:
-    raise RuntimeError('config.bench.reference="hf" needs torch and transformers: '
-                       'pip install -r requirements-test.txt') from e
-  bench = config.bench
-  dtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16}[config.model.dtype]
-  torch.manual_seed(bench.seed)
-  torch.set_num_threads(os.cpu_count() or 1)
-  model = transformers.T5ForConditionalGeneration(hf_t5_config(config.model)).to(dtype).eval()
-  rng = np.random.default_rng(bench.seed)
-  for batch in bench.batch_sizes:
+class HFReference:
+  """transformers' T5 FiD (random weights) as zero-argument calls for `fido.bench.run_bench`."""
+
+  def __init__(self, config: ml_collections.ConfigDict):
+    try:
+      import torch  # pylint: disable=g-import-not-at-top
+      import transformers  # pylint: disable=g-import-not-at-top
+    except ImportError as e:
+      raise RuntimeError('config.bench.reference="hf" needs torch and transformers: '
+                         'pip install -r requirements-test.txt') from e
+    self.torch, self.transformers, self.config = torch, transformers, config
+    dtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16}[config.model.dtype]
+    torch.manual_seed(config.bench.seed)
+    torch.set_num_threads(os.cpu_count() or 1)
+    self.model = transformers.T5ForConditionalGeneration(
+        hf_t5_config(config.model)).to(dtype).eval()
+
+  def calls(self, batch: int, rng: np.random.Generator):
+    """(encode, decode) on one random batch: encoder on [B*P, L]; `generate` from the fused states."""
+    torch, bench, model = self.torch, self.config.bench, self.model
     shape = (batch * bench.n_passages, bench.passage_len)
-    ids = torch.from_numpy(rng.integers(3, config.model.vocab_size, size=shape)).long()
+    ids = torch.from_numpy(rng.integers(3, self.config.model.vocab_size, size=shape)).long()
     mask = torch.ones_like(ids)
-    with torch.inference_mode():
-      encode = lambda: model.encoder(input_ids=ids, attention_mask=mask).last_hidden_state
-      fused = encode().reshape(batch, bench.n_passages * bench.passage_len, -1)
-      outputs = transformers.modeling_outputs.BaseModelOutput(last_hidden_state=fused)
-      fused_mask = mask.reshape(batch, -1)
-      decode = lambda: model.generate(
+
+    @torch.inference_mode()
+    def encode():
+      return model.encoder(input_ids=ids, attention_mask=mask).last_hidden_state
+
+    outputs = self.transformers.modeling_outputs.BaseModelOutput(
+        last_hidden_state=encode().reshape(batch, bench.n_passages * bench.passage_len, -1))
+    fused_mask = mask.reshape(batch, -1)
+
+    @torch.inference_mode()
+    def decode():
+      return model.generate(
           encoder_outputs=outputs, attention_mask=fused_mask, max_new_tokens=bench.target_len,
           min_new_tokens=bench.target_len, do_sample=False, num_beams=1, use_cache=True)
-      assert decode().shape[1] == bench.target_len + 1  # the start token plus target_len steps
-      timings = timing_fields(time_calls(encode, bench.repeats, bench.warmup),
-                              time_calls(decode, bench.repeats, bench.warmup), batch)
-    yield dict(
-        name=f'hf-transformers-t5-{config.model.encoder.size}', batch=batch,
+
+    assert decode().shape[1] == bench.target_len + 1  # the start token plus target_len steps
+    return encode, decode
+
+  def result(self, batch: int, timings: dict[str, Any]) -> dict[str, Any]:
+    bench = self.config.bench
+    return dict(
+        name=f'hf-transformers-t5-{self.config.model.encoder.size}', batch=batch,
         n_passages=bench.n_passages, passage_len=bench.passage_len, target_len=bench.target_len,
-        **timings, repeats=bench.repeats, dtype=config.model.dtype, device='cpu (torch)',
-        torch=torch.__version__, transformers=transformers.__version__,
-        threads=torch.get_num_threads())
+        **timings, repeats=bench.repeats, dtype=self.config.model.dtype, device='cpu (torch)',
+        torch=self.torch.__version__, transformers=self.transformers.__version__,
+        threads=self.torch.get_num_threads())

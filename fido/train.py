@@ -62,24 +62,94 @@ def default_init_config() -> ml_collections.ConfigDict:
 # ----------------------------------------------------------------------------------------- data
 
 
-def make_train_loader(config: ml_collections.ConfigDict, tokenizer: Tokenizer):
-  data, train = config.data, config.train
-  per_process = train.batch_size // jax.process_count()
-  if train.task == 'finetune':
+def validate_curriculum(config: ml_collections.ConfigDict) -> None:
+  """config.data.curriculum: as many stages as step counts, all positive, ending before the run."""
+  cur = config.data.curriculum
+  n_passages, steps = tuple(cur.n_passages), tuple(cur.steps)
+  if len(n_passages) != len(steps):
+    raise ValueError(f'config.data.curriculum: n_passages={n_passages} and steps={steps} must '
+                     'have one entry per stage')
+  if not steps:
+    return
+  if config.train.task != 'finetune':
+    raise ValueError(f'config.data.curriculum is for fine-tuning; config.train.task='
+                     f'{config.train.task!r}')
+  for field, values in (('n_passages', n_passages), ('steps', steps)):
+    if any(not isinstance(v, int) or v < 1 for v in values):
+      raise ValueError(f'config.data.curriculum.{field}={values}: every entry must be an int >= 1')
+  if sum(steps) >= config.train.steps:
+    _LOG.warning('config.data.curriculum.steps=%s add up to %d >= config.train.steps=%d: this '
+                 'run ends before training on config.data.n_passages=%d passages', steps,
+                 sum(steps), config.train.steps, config.data.n_passages)
+
+
+def data_stage(config: ml_collections.ConfigDict, step: int) -> int:
+  """The curriculum stage that feeds training step `step` (0-based); len(stages) = the last one."""
+  return int(np.searchsorted(np.cumsum(config.data.curriculum.steps), step, side='right'))
+
+
+def read_train_data(config: ml_collections.ConfigDict) -> list:
+  """Fine-tuning: the normalized FiD records; pre-training: the corpus documents."""
+  data = config.data
+  if config.train.task == 'finetune':
     records, report = fid_format.read_fid_file(data.train, n_passages=data.n_passages)
     _LOG.info('train data %s: %s', data.train, report.summary())
-    return pipeline.qa_train_loader(
-        records, tokenizer, batch_size=per_process, n_passages=data.n_passages,
-        passage_len=data.passage_len, target_len=data.target_len, seed=train.seed,
-        answer_choice=data.answer_choice)
+    return records
   if not data.corpus or not os.path.isfile(data.corpus):
     raise FileNotFoundError(f'config.data.corpus={data.corpus!r}: pre-training needs a text corpus '
                             '(one document per line)')
   with open(data.corpus, encoding='utf-8') as f:
-    documents = [line.strip() for line in f if line.strip()]
+    return [line.strip() for line in f if line.strip()]
+
+
+def make_train_loader(config: ml_collections.ConfigDict, tokenizer: Tokenizer, examples: list,
+                      stage: int = 0):
+  """The training loader of curriculum stage `stage` over read_train_data's `examples`."""
+  data, train = config.data, config.train
+  per_process = train.batch_size // jax.process_count()
+  if train.task == 'finetune':
+    cur = data.curriculum
+    warmup = stage < len(cur.steps)
+    return pipeline.qa_train_loader(
+        examples, tokenizer, batch_size=per_process,
+        n_passages=cur.n_passages[stage] if warmup else data.n_passages,
+        passage_len=data.passage_len, target_len=data.target_len, seed=train.seed + stage,
+        answer_choice=data.answer_choice, answer_first=warmup and cur.answer_first)
   return pipeline.span_corruption_loader(
-      documents, tokenizer, batch_size=per_process, seed=train.seed,
+      examples, tokenizer, batch_size=per_process, seed=train.seed,
       inputs_length=data.inputs_length, qa_shaped=True)
+
+
+class DataStream:
+  """Training batches across curriculum stages; get_state/set_state resume exactly at any step.
+
+  A checkpoint after `step` steps stores the iterator of the stage that fed step `step - 1`; if
+  step `step` starts a new stage, resuming starts that stage's loader afresh.
+  """
+
+  def __init__(self, config: ml_collections.ConfigDict, tokenizer: Tokenizer, examples: list):
+    self.config, self.tokenizer, self.examples = config, tokenizer, examples
+    self.stage, self.iterator = None, None
+
+  def _start(self, stage: int) -> None:
+    self.stage = stage
+    self.iterator = iter(make_train_loader(self.config, self.tokenizer, self.examples, stage))
+
+  def next(self, step: int) -> dict:
+    """The batch of training step `step` (0-based)."""
+    stage = data_stage(self.config, step)
+    if stage != self.stage:
+      self._start(stage)
+    return next(self.iterator)
+
+  def get_state(self):
+    return self.iterator.get_state()
+
+  def set_state(self, step: int, state) -> None:
+    """Positions the stream after `step` steps, from the state saved at that step."""
+    self._start(data_stage(self.config, max(step - 1, 0)))
+    if state is not None:
+      self.iterator.set_state(state)
 
 
 # ---------------------------------------------------------------------------------- bookkeeping
@@ -101,18 +171,21 @@ def _comparable(config: ml_collections.ConfigDict) -> dict:
 
 
 def prepare_workdir(config: ml_collections.ConfigDict, workdir: str, overwrite: bool) -> None:
-  """Refuses to mix two different runs in one workdir unless `overwrite` (which wipes it)."""
+  """Refuses to mix two different runs in one workdir; `overwrite` wipes it (a fresh start).
+
+  Only a workdir holding a run's config.json is ever wiped (never, say, a mistyped `--workdir=.`).
+  """
   path = os.path.join(workdir, 'config.json')
-  if os.path.exists(path):
+  if overwrite and os.path.exists(path):
+    shutil.rmtree(workdir)
+  elif os.path.exists(path):
     with open(path) as f:
       previous = json.load(f)
     if previous != _comparable(config):
-      if not overwrite:
-        changed = sorted(k for k in set(previous) | set(_comparable(config))
-                         if previous.get(k) != _comparable(config).get(k))
-        raise ValueError(f'workdir {workdir!r} holds a different run (config sections differ: '
-                         f'{changed}); use another --workdir or pass --overwrite to replace it')
-      shutil.rmtree(workdir)
+      changed = sorted(k for k in set(previous) | set(_comparable(config))
+                       if previous.get(k) != _comparable(config).get(k))
+      raise ValueError(f'workdir {workdir!r} holds a different run (config sections differ: '
+                       f'{changed}); use another --workdir or pass --overwrite to replace it')
   os.makedirs(workdir, exist_ok=True)
   with open(path, 'w') as f:
     json.dump(_comparable(config), f, indent=1, sort_keys=True)
@@ -229,9 +302,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, overwrite: bool = 
   mesh = sharding.make_mesh(dict(config.sharding.mesh))
   sharding.check_batch_size(config.train.batch_size, mesh, config.train.gradient_accumulation_steps)
 
-  loader = make_train_loader(config, tokenizer)
-  iterator = iter(loader)
-  example = _host_batch(next(iter(loader)))
+  validate_curriculum(config)
+  stream = DataStream(config, tokenizer, read_train_data(config))
+  example = _host_batch(next(iter(make_train_loader(config, tokenizer, stream.examples))))
   state, state_shardings = sharding.init_sharded_train_state(
       model, optimizer, jax.random.PRNGKey(config.train.seed), example, mesh,
       strict=config.sharding.strict)
@@ -244,7 +317,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, overwrite: bool = 
   if ckpt.latest_step() is not None:
     restored = ckpt.restore(_abstract(state))
     state = restored.state
-    iterator.set_state(restored.data_state)
+    stream.set_state(restored.step, restored.data_state)
     _LOG.info('resumed from %s step %d', ckpt.directory, restored.step)
   elif config.init.checkpoint:
     state = init_from_pretrained(config, state, optimizer)
@@ -266,7 +339,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, overwrite: bool = 
     if step == config.train.debug_nan_at_step and not poisoned:
       poisoned = True  # simulate a blow-up: the next update sees NaN parameters
       state = state._replace(params=jax.tree.map(lambda x: x * jnp.nan, state.params))
-    batch = sharding.make_global_batch(_host_batch(next(iterator)), mesh)
+    if step > 0 and data_stage(config, step) != data_stage(config, step - 1):
+      monitor.reset()  # more passages per example: a higher loss is expected, not a divergence
+    host_batch = _host_batch(stream.next(step))
+    batch = sharding.make_global_batch(host_batch, mesh)
     state, metrics = step_fn(state, batch)
     if config.train.debug_step_delay:
       time.sleep(config.train.debug_step_delay)
@@ -286,7 +362,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, overwrite: bool = 
       lr_scale = optim.get_lr_scale(state.opt_state) * config.train.divergence.lr_cut
       state = restored.state._replace(opt_state=optim.scale_learning_rate(
           restored.state.opt_state, lr_scale / optim.get_lr_scale(restored.state.opt_state)))
-      iterator.set_state(restored.data_state)
+      stream.set_state(restored.step, restored.data_state)
       monitor.reset()
       _LOG.warning('step %d: %s; rolled back to step %d, learning rate x%g', step + 1, reason,
                    restored.step, lr_scale)
@@ -303,7 +379,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, overwrite: bool = 
     if step % config.train.log_every == 0 or step == total:
       seconds = time.perf_counter() - window_start
       record = {k: float(v) for k, v in metrics.items() if k != 'is_finite'}
-      record.update(step=step, examples_per_second=window_steps * examples_per_step / seconds,
+      record.update(step=step, n_passages=host_batch['passage_ids'].shape[1],
+                    examples_per_second=window_steps * examples_per_step / seconds,
                     target_tokens_per_second=tokens / seconds)
       writer.write(**record)
       bar.set_postfix(loss=f'{record["loss"]:.3f}', ex_s=f'{record["examples_per_second"]:.1f}')
@@ -314,7 +391,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, overwrite: bool = 
       writer.write(step=step, event='dev_eval', **dev_metrics)
       bar.write(f'step {step}: dev exact match {dev_metrics["exact_match"]:.3f}')
     if step % config.train.checkpoint_every == 0 or step == total:
-      ckpt.save(step, state, data_state=iterator.get_state(), config=config,
+      ckpt.save(step, state, data_state=stream.get_state(), config=config,
                 metrics={'dev_exact_match': dev_metrics['exact_match']} if dev_metrics else None,
                 force=True)
   bar.close()

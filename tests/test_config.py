@@ -102,3 +102,16 @@ def test_bench_prints_one_json_line_per_batch(capsys):
     assert result['encoder_ms'] > 0 and result['decoder_ms'] > 0
     assert result['n_passages'] == 3 and result['passage_len'] == 16 and result['target_len'] == 4
     assert result['cross_attention_period'] == 4 and result['decoder_kv_heads'] == 1
+
+
+def test_bench_against_hf_reference_interleaves_and_prints_ratios(capsys):
+  pytest.importorskip('torch')
+  pytest.importorskip('transformers')
+  config = load_config_file('experiments/fid.py:tiny,bench=tiny')
+  config.bench.update(repeats=2, warmup=1, batch_sizes=(2,), reference='hf')
+  results = bench.run_bench(config)
+  ours, theirs, ratios = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+  assert ours == results[0] and theirs['name'] == 'hf-transformers-t5-tiny'
+  assert theirs['encoder_ms'] > 0 and theirs['decoder_ms'] > 0 and theirs['batch'] == 2
+  assert ratios['interleaved'] and ratios['total'] == round(
+      theirs['total_ms'] / ours['total_ms'], 2)

@@ -8,7 +8,7 @@ from fido.data import pipeline, synthetic
 from fido.data.errors import DataError
 from fido.data.tokenizer import load_tokenizer, train_tokenizer
 
-B, P, L, T = 4, 10, 48, 8
+B, P, L, T = 4, 10, 48, 12
 QA = dict(batch_size=B, n_passages=P, passage_len=L, target_len=T)
 
 

@@ -13,6 +13,7 @@ import pytest
 
 from fido import checkpoint, optim, train
 from fido.config import load_config_file
+from fido.data import features
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -165,3 +166,62 @@ def test_bad_inputs_fail_clearly(data_dir, tmp_path):
   small_vocab.model.vocab_size = 256
   with pytest.raises(ValueError, match='needs vocab_size 1152 > config.model.vocab_size=256'):
     train.train(small_vocab, str(tmp_path / 'vocab'))
+
+
+def curriculum_config(data_dir, **train_overrides):
+  config = smoke_config(data_dir, eval_every=0, final_eval_split='', **train_overrides)
+  config.data.curriculum.update(n_passages=(1, 2), steps=(2, 2))
+  return config
+
+
+def test_passage_curriculum_feeds_gold_passages_first(data_dir):
+  config = curriculum_config(data_dir)
+  config.data = train.resolve_data(config.data)
+  tokenizer = train.load_tokenizer(config.data.tokenizer)
+  records = train.read_train_data(config)
+
+  def gold_in_first_passage(stage, answer_first=True):
+    config.data.curriculum.answer_first = answer_first
+    batch = next(iter(train.make_train_loader(config, tokenizer, records, stage)))
+    assert batch['passage_ids'].shape[1] == (1, 2, 10)[stage]
+    return np.mean([features.has_answer(tokenizer.decode([t for t in ids if t > 1]),
+                                        records[i]['answers'])
+                    for ids, i in zip(batch['passage_ids'][:, 0], batch['example_index'])])
+
+  assert gold_in_first_passage(0) == 1.0
+  assert gold_in_first_passage(1) == 1.0
+  assert gold_in_first_passage(2) < 0.5  # the last stage reads the passages in retriever order
+  assert gold_in_first_passage(0, answer_first=False) < 0.5
+  assert [train.data_stage(config, s) for s in range(6)] == [0, 0, 1, 1, 2, 2]
+
+
+def test_passage_curriculum_resumes_exactly_at_stage_boundaries(data_dir, tmp_path):
+  train.train(curriculum_config(data_dir, steps=6, log_every=1), str(tmp_path / 'reference'))
+  logged = [m['n_passages'] for m in read_metrics(tmp_path / 'reference') if 'loss' in m]
+  assert logged == [1, 1, 2, 2, 10, 10]
+
+  workdir = str(tmp_path / 'resumed')
+  for steps in (2, 4, 6):  # each run stops where the next stage begins; the next one resumes
+    train.train(curriculum_config(data_dir, steps=steps), workdir)
+  step_a, params_a = final_params(str(tmp_path / 'reference'))
+  step_b, params_b = final_params(workdir)
+  assert step_a == step_b == 6
+  for a, b in zip(jax.tree.leaves(params_a), jax.tree.leaves(params_b)):
+    np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize('field, value, message', [
+    ('n_passages', (1,), r'n_passages=\(1,\) and steps=\(2, 2\) must have one entry per stage'),
+    ('steps', (0, 2), r'curriculum.steps=\(0, 2\): every entry must be an int >= 1'),
+])
+def test_bad_curriculum_fails_clearly(data_dir, tmp_path, field, value, message):
+  config = curriculum_config(data_dir)
+  config.data.curriculum[field] = value
+  with pytest.raises(ValueError, match=message):
+    train.train(config, str(tmp_path / 'run'))
+
+
+def test_curriculum_is_for_finetuning(data_dir, tmp_path):
+  config = curriculum_config(data_dir, task='pretrain')
+  with pytest.raises(ValueError, match="curriculum is for fine-tuning; config.train.task='pretrain'"):
+    train.train(config, str(tmp_path / 'run'))

@@ -17,6 +17,7 @@ import numpy as np
 
 from fido.data.errors import DataError, where
 from fido.data.tokenizer import EOS_ID, Tokenizer
+from fido.metrics import normalize_answer
 
 ANSWER_CHOICES = ("first", "random")
 
@@ -109,6 +110,24 @@ def choose_target(record: dict, answer_choice: str = "first",
       raise DataError("answer_choice='random' needs an rng")
     return answers[int(rng.integers(len(answers)))]
   return answers[0]
+
+
+def has_answer(text: str, answers: list[str]) -> bool:
+  """True if some answer occurs in `text` as whole words after SQuAD normalization (DPR's test)."""
+  padded = f" {normalize_answer(text)} "
+  return any(f" {a} " in padded for a in map(normalize_answer, answers) if a)
+
+
+def answer_first(record: dict) -> dict:
+  """The record with its answer-bearing passages moved to the front (each group keeps its order).
+
+  Training on the first P passages of such records puts the gold passage in every example: the
+  warm-up stages of a passage curriculum (fido.train) use it; evaluation never does.
+  """
+  ctxs = record["ctxs"]
+  gold = [has_answer(c["text"], record["answers"]) for c in ctxs]
+  return {**record, "ctxs": [c for c, g in zip(ctxs, gold) if g] +
+          [c for c, g in zip(ctxs, gold) if not g]}
 
 
 def encode_target(tokenizer: Tokenizer, text: str,

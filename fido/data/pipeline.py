@@ -61,14 +61,16 @@ class _EncodeQA(grain.transforms.RandomMap):
   """(index, record) -> one QA example (see fido.data.features)."""
 
   def __init__(self, tokenizer: Tokenizer, n_passages: int, passage_len: int, target_len: int,
-               answer_choice: str):
-    self.tokenizer, self.answer_choice = tokenizer, answer_choice
+               answer_choice: str, answer_first: bool = False):
+    self.tokenizer, self.answer_choice, self.answer_first = tokenizer, answer_choice, answer_first
     self.lengths = dict(n_passages=n_passages, passage_len=passage_len, target_len=target_len)
 
   def random_map(self, element, rng: np.random.Generator) -> dict:
     index, record = element
     if record is None:
       return features.empty_qa_example(**self.lengths)
+    if self.answer_first:
+      record = features.answer_first(record)
     return features.encode_qa_example(self.tokenizer, record, answer_choice=self.answer_choice,
                                       rng=rng, example_index=index, **self.lengths)
 
@@ -128,16 +130,19 @@ def _train_loader(source: Sequence, transform, *, batch_size: int, seed: int,
 
 def qa_train_loader(records: Sequence[dict], tokenizer: Tokenizer, *, batch_size: int,
                     n_passages: int, passage_len: int, target_len: int, seed: int,
-                    answer_choice: str = "first", num_epochs: int | None = None,
+                    answer_choice: str = "first", answer_first: bool = False,
+                    num_epochs: int | None = None,
                     shard_index: int | None = None, shard_count: int | None = None,
                     worker_count: int = 0, read_options: grain.ReadOptions | None = None
                     ) -> grain.DataLoader:
   """Shuffled (per epoch, from `seed`), repeated (num_epochs=None: forever) full QA batches.
 
   records: normalized FiD records (fid_format.read_fid_file, or tfds_builders.load_fid_source).
+  answer_first: take the P passages after moving answer-bearing ones to the front
+  (features.answer_first), so every example holds its gold passage.
   """
   features.check_qa_lengths(tokenizer, n_passages, passage_len, target_len)
-  transform = _EncodeQA(tokenizer, n_passages, passage_len, target_len, answer_choice)
+  transform = _EncodeQA(tokenizer, n_passages, passage_len, target_len, answer_choice, answer_first)
   return _train_loader(records, transform, batch_size=batch_size, seed=seed, num_epochs=num_epochs,
                        shard_index=shard_index, shard_count=shard_count, worker_count=worker_count,
                        read_options=read_options)

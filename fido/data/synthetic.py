@@ -27,7 +27,7 @@ import numpy as np
 
 from fido.data import tokenizer as tokenizer_lib
 
-FORMAT_VERSION = 4
+FORMAT_VERSION = 5
 ANSWER_POSITIONS = ("early", "late")
 MAX_CORPUS_DOCUMENTS = 5000
 
@@ -108,7 +108,9 @@ def make_example(entities: list[dict], entity_index: int, attribute: str, n_pass
   """
   entity = entities[entity_index]
   others = [a for a, _, _ in ATTRIBUTES if a != attribute]
-  n_same_entity = min(int(rng.integers(2, 5)), len(others), n_passages - 1)
+  # Each distractor shares the entity (p=0.4) or the attribute: with any number of passages,
+  # the gold passage can only be told apart by matching both.
+  n_same_entity = min(int(rng.binomial(n_passages - 1, 0.4)), len(others))
   n_same_attribute = n_passages - 1 - n_same_entity
   if n_same_attribute > len(entities) - 1:
     raise ValueError(f"{len(entities)} entities are too few for {n_passages} passages")
