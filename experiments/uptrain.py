@@ -38,7 +38,8 @@ Arguments: model=ENC-DEC or SIZE (T5.1.1 size names, e.g. base-xl, base, micro-m
 pretrain_steps/pretrain_batch/pretrain_lr/pretrain_warmup (the source checkpoints' pre-training; default
 the T5 paper's: 1M steps of 2048 sequences, 1e-2 for 10k steps then 1/sqrt), batch, steps (0 = stage default), lr
 (fine-tuning), root, encoder/decoder (HF checkpoint directories), synthetic (the embedded synthetic
-task and its 1152-token vocabulary), smoke (synthetic, tiny and a few steps: for CPUs and tests).
+task and its 1152-token vocabulary, fine-tuned as experiments/embedded.py is: no dropout, passage
+curriculum), smoke (synthetic, tiny and a few steps: for CPUs and tests).
 """
 
 import math
@@ -77,9 +78,12 @@ def get_config(arg: str | None = None):
   config = fido_config.default_config()
   config.name = f'uptrain-{arg.variant}-{arg.model}'
   vocab = 1152 if synthetic else fido_config.T5_VOCAB_SIZE  # synthetic: 1000 pieces + 100 sentinels
+  # Synthetic fine-tuning follows the embedded default's recipe (experiments/embedded.py): no
+  # dropout, and the passage curriculum below.
+  dropout = 0.1 if arg.variant == 'finetune' and not synthetic else 0.0
   config.model = fido_config.model_config(
       encoder, decoder, cross_attention_period=lsa, decoder_kv_heads=kv, cross_kv_heads=kv,
-      vocab_size=vocab, dropout_rate=0.1 if arg.variant == 'finetune' else 0.0)
+      vocab_size=vocab, dropout_rate=dropout)
   config.convert = convert_fido.default_config()
   converted = os.path.join(arg.root, 'converted')
   uptrained = os.path.join(arg.root, 'uptrain')
@@ -120,6 +124,8 @@ def get_config(arg: str | None = None):
     config.train.update(log_every=min(config.train.log_every, 50),
                         eval_every=min(config.train.eval_every, 500), eval_examples=100)
     config.eval.update(batch_size=50)
+    if arg.variant == 'finetune' and not arg.smoke:
+      config.data.curriculum.update(n_passages=(1, 4), steps=(600, 1000))
   if arg.smoke:
     config.data.synthetic.update(n_train=64, n_dev=16, n_test=16)
     config.data.dir = 'data/generated/synthetic-smoke'

@@ -16,7 +16,8 @@ interrupted one resumes):
   --scratch adds (d): FiDO fine-tuned from random init, the floor.
   --decoder_model=mini also pre-trains a FiD of that size (root/hf-mini) and makes (b), (c), (d)
   asymmetric: encoder from root/hf, decoder from root/hf-mini, new cross-attention K/V aligned.
-All fine-tunings share one recipe (fido_adafactor, constant lr, batch, steps, dropout 0.1). Prints one
+All fine-tunings share the embedded default's recipe (fido_adafactor 1e-2 constant, batch 32, 3000
+steps, no dropout, passage curriculum 1 -> 4 -> 10 passages). Prints one
 JSON line per stage and writes root/results.json with test exact match / F1 of each.
 """
 
@@ -97,8 +98,8 @@ def main():
   parser.add_argument('--pretrain_lr', type=float, default=1e-2)
   parser.add_argument('--pretrain_warmup', type=int, default=1000)
   parser.add_argument('--fraction', type=float, default=0.05, help='uptraining / pre-training steps')
-  parser.add_argument('--finetune_steps', type=int, default=2000)
-  parser.add_argument('--batch', type=int, default=16)
+  parser.add_argument('--finetune_steps', type=int, default=3000)
+  parser.add_argument('--batch', type=int, default=32)
   parser.add_argument('--lr', type=float, default=1e-2, help='fine-tuning learning rate (fido_adafactor)')
   parser.add_argument('--lsa', type=int, default=2)
   parser.add_argument('--stages', default='pretrain,a,b,c', help='comma-separated subset (+ d)')

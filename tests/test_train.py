@@ -101,12 +101,16 @@ def test_nan_rolls_back_to_the_last_checkpoint_and_cuts_the_learning_rate(data_d
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
 
 
-def test_divergence_monitor_detects_spikes():
-  monitor = train.DivergenceMonitor(spike_factor=3.0, window=4)
+def test_divergence_monitor_detects_sustained_spikes_not_one_hard_batch():
+  monitor = train.DivergenceMonitor(spike_factor=3.0, window=4, patience=3)
   assert not any(monitor.diverged(loss, True) for loss in (2.0, 2.1, 1.9, 2.0, 2.2))
-  assert 'running mean' in monitor.diverged(7.0, True)
+  assert monitor.diverged(7.0, True) is None  # one hard batch
+  assert monitor.diverged(2.0, True) is None
+  assert monitor.diverged(7.0, True) is None and monitor.diverged(8.0, True) is None
+  assert 'for 3 steps in a row' in monitor.diverged(9.0, True)
   assert 'non-finite' in monitor.diverged(float('nan'), True)
   assert 'non-finite' in monitor.diverged(1.0, False)
+  assert np.mean(monitor.recent) < 2.2  # spikes stay out of the running mean
 
 
 def test_finetune_from_pretraining_carries_second_moments(data_dir, tmp_path):
