@@ -52,11 +52,6 @@ def time_interleaved(fns: Sequence[Callable[[], Any]], repeats: int,
   return times
 
 
-def time_calls(fn: Callable[[], Any], repeats: int, warmup: int) -> list[float]:
-  """Seconds per call of `fn` after `warmup` untimed calls."""
-  return time_interleaved([fn], repeats, warmup)[0]
-
-
 def timing_fields(encoder_s: list[float], decoder_s: list[float], batch: int) -> dict[str, Any]:
   """Median and [min, max] milliseconds per sample of the encoder, the decoder and their sum."""
   def per_sample_ms(seconds):
@@ -75,6 +70,13 @@ def random_inputs(rng: np.random.Generator, batch: int, n_passages: int, passage
   return jnp.asarray(ids), jnp.ones(ids.shape, bool)
 
 
+def random_params(config: ml_collections.ConfigDict, model, rng: np.random.Generator):
+  """Randomly initialised parameters of `model` (seeded by config.bench.seed)."""
+  ids, mask = random_inputs(rng, 1, 1, 8, config.model.vocab_size)
+  return jax.jit(model.init)(jax.random.PRNGKey(config.bench.seed), ids, mask,
+                             jnp.zeros((1, 4), jnp.int32))
+
+
 def fido_calls(config: ml_collections.ConfigDict, batch: int, rng: np.random.Generator,
                model=None, params=None) -> tuple[Callable, Callable, float]:
   """(encode, decode, first_call_s): zero-argument calls timing our model on one random batch.
@@ -84,9 +86,7 @@ def fido_calls(config: ml_collections.ConfigDict, batch: int, rng: np.random.Gen
   bench = config.bench
   model = model or make_model(config.model)
   if params is None:
-    ids, mask = random_inputs(rng, 1, 1, 8, config.model.vocab_size)
-    params = jax.jit(model.init)(jax.random.PRNGKey(bench.seed), ids, mask,
-                                 jnp.zeros((1, 4), jnp.int32))
+    params = random_params(config, model, rng)
   encode = jax.jit(model.encode)
   decode = jax.jit(lambda p, enc, enc_mask: greedy_decode_from_encoding(
       model, p, enc, enc_mask, max_length=bench.target_len, stop_at_eos=False).tokens)
@@ -121,9 +121,7 @@ def bench_model(config: ml_collections.ConfigDict) -> Iterator[dict[str, Any]]:
   bench = config.bench
   model = make_model(config.model)
   rng = np.random.default_rng(bench.seed)
-  ids, mask = random_inputs(rng, 1, 1, 8, config.model.vocab_size)
-  params = jax.jit(model.init)(jax.random.PRNGKey(bench.seed), ids, mask,
-                               jnp.zeros((1, 4), jnp.int32))
+  params = random_params(config, model, rng)
   for batch in bench.batch_sizes:
     encode, decode, first_call_s = fido_calls(config, batch, rng, model, params)
     encoder_s, decoder_s = time_interleaved([encode, decode], bench.repeats, bench.warmup)
@@ -156,9 +154,7 @@ def run_bench(config: ml_collections.ConfigDict) -> list[dict[str, Any]]:
   from fido import bench_reference  # pylint: disable=g-import-not-at-top
   model = make_model(config.model)
   rng = np.random.default_rng(bench.seed)
-  ids, mask = random_inputs(rng, 1, 1, 8, config.model.vocab_size)
-  params = jax.jit(model.init)(jax.random.PRNGKey(bench.seed), ids, mask,
-                               jnp.zeros((1, 4), jnp.int32))
+  params = random_params(config, model, rng)
   reference = bench_reference.HFReference(config)
   results = []
   for batch in bench.batch_sizes:
