@@ -63,7 +63,7 @@ def default_init_config() -> ml_collections.ConfigDict:
 
 
 def validate_curriculum(config: ml_collections.ConfigDict) -> None:
-  """config.data.curriculum: as many stages as step counts, all positive, ending before the run."""
+  """config.data.curriculum: one step count per stage, all positive ints; fine-tuning only."""
   cur = config.data.curriculum
   n_passages, steps = tuple(cur.n_passages), tuple(cur.steps)
   if len(n_passages) != len(steps):
