@@ -14,7 +14,6 @@ import ml_collections
 import numpy as np
 
 
-
 def hf_t5_config(model: ml_collections.ConfigDict):
   import transformers  # pylint: disable=g-import-not-at-top
   enc = model.encoder

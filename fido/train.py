@@ -354,9 +354,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, overwrite: bool = 
     if step == config.train.debug_nan_at_step and not poisoned:
       poisoned = True  # simulate a blow-up: the next update sees NaN parameters
       state = state._replace(params=jax.tree.map(lambda x: x * jnp.nan, state.params))
-    if step > 0 and data_stage(config, step) != data_stage(config, step - 1):
-      monitor.reset()  # more passages per example: a higher loss is expected, not a divergence
+    stage = stream.stage
     host_batch = _host_batch(stream.next(step))
+    if stream.stage != stage:
+      monitor.reset()  # more passages per example: a higher loss is expected, not a divergence
     batch = sharding.make_global_batch(host_batch, mesh)
     state, metrics = step_fn(state, batch)
     if config.train.debug_step_delay:
