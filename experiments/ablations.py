@@ -9,6 +9,7 @@ Arguments: the sweep name (table3, table4, table6, fig4, fig6), `runlocal` (tiny
 workload: each sweep runs in one to three minutes on a 2-core CPU), `train` (train + evaluate every
 point on the synthetic retrieval-QA data of experiments/embedded.py, its `smoke` settings under
 runlocal, besides the benchmark), `steps=N` (training steps; 0 = the embedded config's),
+`mha_steps=M` (with steps=N: the first M of them multi-head, then uptrained; default 0),
 `max_batch=0|1` (cap each run's batch at its `fido.bench.max_batch_search` result; on by default
 for table3, as the paper's "batch 64 or max"), `workdir=PATH`.
 
@@ -156,7 +157,7 @@ PAPER_SETTING = ('TPUv4, 40 passages x 256 tokens, 32 output tokens, greedy; '
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   arg = fido_config.parse_arg(arg, variant='', runlocal=False, train=False, steps=0,
-                              max_batch=-1, workdir='')
+                              mha_steps=0, max_batch=-1, workdir='')
   if arg.variant not in SWEEPS:
     raise fido_config.ConfigError(f'unknown sweep {arg.variant!r} in experiments/ablations.py; '
                                   f'known sweeps: {sorted(SWEEPS)}')
@@ -169,7 +170,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   if arg.train:
     common['train.progress'] = False
     if arg.steps:
-      common['train.steps'] = arg.steps
+      # A new run length needs its own multi-head share: 0 (each model's own attention from the
+      # start) unless mha_steps=M is given.
+      common.update({'train.steps': arg.steps, 'train.mha_steps': arg.mha_steps})
   suffix = '-runlocal' if local else ''
   config = ml_collections.ConfigDict()
   config.name = f'ablations-{arg.variant}{suffix}'

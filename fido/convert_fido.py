@@ -138,6 +138,42 @@ def _kv_heads(shape: tuple[int, ...]) -> int:
   return 1 if len(shape) == 2 else shape[1]
 
 
+def _is_kv_projection(path) -> bool:
+  """Whether a tree path ends in an attention module's key or value projection ('.../attention'
+  module, then 'key' or 'value'), in a params tree or in an optimizer state mirroring one."""
+  names = [getattr(entry, 'key', None) for entry in path[-2:]]
+  return (len(names) == 2 and isinstance(names[0], str) and names[0].endswith('attention')
+          and names[1] in ('key', 'value'))
+
+
+def pool_kv_heads(source: Any, target: Any) -> Any:
+  """`source` reshaped into `target`'s shapes: key/value heads mean-pooled, everything else copied.
+
+  `source` is a params tree, or an optimizer state mirroring one (second moments, momentum), of a
+  model with more key/value heads than `target`'s model and otherwise the same shapes; `target` is the
+  matching tree of arrays or jax.ShapeDtypeStructs. Each [D, H, E] key/value leaf becomes [D, K, E]
+  ([D, E] for K = 1) by averaging groups of H/K adjacent heads, as `mean_pool_heads`: GQA uptraining
+  (Ainslie et al., 2023), how FiDO turns multi-head T5 into multi-query. The result has `target`'s
+  dtypes and, where `target` carries them, its shardings. Any other shape mismatch raises
+  ConversionError naming the leaf.
+  """
+  def convert(path, src, dst):
+    src_shape, dst_shape = tuple(src.shape), tuple(dst.shape)
+    if src_shape != dst_shape:
+      d, h, e = src_shape if len(src_shape) == 3 else (None, None, None)
+      k = _kv_heads(dst_shape) if len(dst_shape) in (2, 3) else None
+      if not (_is_kv_projection(path) and h and k and h % k == 0
+              and (d, e) == (dst_shape[0], dst_shape[-1])):
+        raise ConversionError(f'{jax.tree_util.keystr(path)}: shape {src_shape} cannot become '
+                              f'{dst_shape}; only key/value heads [D, H, E] -> [D, K, E] or [D, E] '
+                              'can be pooled, every other shape must match')
+      src = jnp.mean(jnp.reshape(src, (d, k, h // k, e)), axis=2).reshape(dst_shape)
+    out = jnp.asarray(src, dst.dtype)
+    sharding = getattr(dst, 'sharding', None)
+    return jax.device_put(out, sharding) if sharding is not None else out
+  return jax.tree_util.tree_map_with_path(convert, source, target)
+
+
 def _encoder_outputs(src: _Source, ids_NxL: np.ndarray, mask_NxL: np.ndarray, batch_size: int):
   """Yields the source checkpoint's encoder outputs at the unmasked positions, [n, D] float64."""
   config = ml_collections.ConfigDict(src.config.to_dict())

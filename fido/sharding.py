@@ -246,6 +246,17 @@ def make_global_batch(local_batch: Batch, mesh: Mesh) -> dict[str, jax.Array]:
 # ------------------------------------------------------------------------ sharded init and step
 
 
+def abstract_train_state(model: FiDFunctions, optimizer: optax.GradientTransformation,
+                         example_batch: Batch, mesh: Mesh, rules: Rules = RULES,
+                         strict: bool = False) -> TrainState:
+  """The train state's shapes, dtypes and shardings (jax.ShapeDtypeStructs), e.g. to restore into."""
+  abstract = jax.eval_shape(functools.partial(init_train_state, model, optimizer),
+                            jax.random.PRNGKey(0), example_batch)
+  shardings = train_state_shardings(abstract, mesh, rules, strict)
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract,
+                      shardings)
+
+
 def init_sharded_train_state(model: FiDFunctions, optimizer: optax.GradientTransformation,
                              rng: jax.Array, example_batch: Batch, mesh: Mesh,
                              rules: Rules = RULES, strict: bool = False

@@ -12,6 +12,13 @@ Divergence (paper §4.3 footnote: the authors restarted XL-XXL by hand with a lo
 a non-finite loss, or a loss above `spike_factor` x its running mean, restores the last checkpoint
 (only healthy states are ever saved), deletes newer ones, and continues with the learning rate cut
 by `lr_cut`; at most `max_rollbacks` times.
+
+Uptraining from multi-head attention (`config.train.mha_steps` = N > 0; a no-op for models without
+multi-query or grouped-query attention): steps [0, N) train the model's multi-head twin (every key/value head
+count = its query heads) in `workdir/multi_head/`, a run of its own; at step N its params and
+optimizer state are mean-pooled into config.model's key/value heads (`pool_kv_heads`) and the run
+continues in `workdir` with the same data stream. This is how multi-query FiDO is made from
+multi-head T5 (FiDO §3.2; GQA uptraining, Ainslie et al., 2023), here within one run.
 """
 
 import collections
@@ -35,6 +42,7 @@ from fido import sharding
 from fido import train_step as train_step_lib
 from fido.data import fid_format, pipeline
 from fido.data.sources import resolve_data
+from fido.convert_fido import pool_kv_heads
 from fido.data.tokenizer import Tokenizer, load_tokenizer
 from fido.model.fid import make_model
 
@@ -48,6 +56,7 @@ def default_loop_config() -> ml_collections.ConfigDict:
       task='finetune', steps=1000, seed=0, log_every=50, eval_every=0, eval_examples=200,
       checkpoint_every=500, keep_checkpoints=2, keep_best=1, async_checkpoints=True,
       progress=True, final_eval_split='test',
+      mha_steps=0,  # > 0: train the multi-head twin this long, then mean-pool into config.model
       divergence=dict(spike_factor=5.0, window=50, patience=3, max_rollbacks=3, lr_cut=0.1),
       debug_nan_at_step=-1,  # fault injection for tests: poison the parameters at this step
       debug_step_delay=0.0,  # seconds to sleep per step (tests kill a run mid-way)
@@ -275,6 +284,63 @@ def init_from_pretrained(config: ml_collections.ConfigDict, state: train_step_li
   return state
 
 
+# ------------------------------------------------------------- uptraining from multi-head attention
+
+MULTI_HEAD_DIR = 'multi_head'
+
+
+def multi_head_twin(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The run before uptraining: config.model with every attention multi-head, trained for
+  config.train.mha_steps steps (with the same data, optimizer and seed), no final evaluation."""
+  twin = ml_collections.ConfigDict(config.to_dict())
+  for stack in (twin.model.encoder, twin.model.decoder):
+    stack.num_kv_heads = stack.num_heads
+  twin.model.decoder.cross_num_kv_heads = twin.model.decoder.num_heads
+  twin.train.update(steps=config.train.mha_steps, mha_steps=0, final_eval_split='')
+  return twin
+
+
+def validate_mha_steps(config: ml_collections.ConfigDict) -> None:
+  mha_steps, steps = config.train.mha_steps, config.train.steps
+  if not isinstance(mha_steps, int) or not 0 <= mha_steps < steps:
+    raise ValueError(f'config.train.mha_steps={mha_steps!r} must be an int in [0, '
+                     f'config.train.steps={steps}): the steps trained with multi-head attention '
+                     'before uptraining into config.model (0 = off)')
+
+
+def uptrains(config: ml_collections.ConfigDict) -> bool:
+  """Whether the run starts as its multi-head twin: mha_steps > 0 and config.model has multi-query
+  or grouped-query attention somewhere (for an all-multi-head model, mha_steps changes nothing)."""
+  return bool(config.train.mha_steps) and multi_head_twin(config).model != config.model
+
+
+def train_then_pool_multi_head(config: ml_collections.ConfigDict, workdir: str,
+                               state: train_step_lib.TrainState, stream: DataStream, example: dict,
+                               mesh) -> train_step_lib.TrainState:
+  """Trains (or resumes, or finds finished) the multi-head twin of `config` (as the user gave it,
+  so that the twin's workdir always holds the same config) in `workdir/multi_head`, then
+  returns its final state with key/value heads mean-pooled into the shapes and shardings of `state`
+  (params, second moments, momentum; step, rng, counters and learning-rate scale as they were) and
+  positions `stream` where the twin's data stream stopped."""
+  twin = multi_head_twin(config)
+  twin_dir = os.path.join(workdir, MULTI_HEAD_DIR)
+  train(twin, twin_dir)
+  abstract = sharding.abstract_train_state(
+      make_model(twin.model), optim.make_optimizer(twin.optimizer), example, mesh,
+      strict=config.sharding.strict)
+  with checkpoint_lib.Checkpointer(os.path.join(twin_dir, 'checkpoints'), read_only=True) as source:
+    restored = source.restore(abstract, step=twin.train.steps)
+  stream.set_state(restored.step, restored.data_state)
+  twin_state = restored.state
+  _LOG.info('step %d: mean-pooled the key/value heads of %s into config.model', restored.step,
+            twin_dir)
+  return train_step_lib.TrainState(
+      params=pool_kv_heads(twin_state.params, state.params),
+      opt_state=pool_kv_heads(twin_state.opt_state, state.opt_state),
+      step=jax.device_put(twin_state.step, state.step.sharding),
+      rng=jax.device_put(twin_state.rng, state.rng.sharding))
+
+
 # ---------------------------------------------------------------------------------------- loop
 
 
@@ -305,7 +371,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, overwrite: bool = 
     raise ValueError(f'config.train.task={config.train.task!r}; expected one of {TASKS}')
   train_step_lib.validate_train_config(config.train)
   prepare_workdir(config, workdir, overwrite)
-  config = ml_collections.ConfigDict(config.to_dict())
+  requested, config = config, ml_collections.ConfigDict(config.to_dict())
   config.data = resolve_data(config.data)
   tokenizer = load_tokenizer(config.data.tokenizer)
   if tokenizer.vocab_size > config.model.vocab_size:
@@ -317,6 +383,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, overwrite: bool = 
   sharding.check_batch_size(config.train.batch_size, mesh, config.train.gradient_accumulation_steps)
 
   validate_curriculum(config)
+  validate_mha_steps(config)
   stream = DataStream(config, tokenizer, read_train_data(config))
   example = _host_batch(next(iter(make_train_loader(config, tokenizer, stream.examples))))
   state, state_shardings = sharding.init_sharded_train_state(
@@ -333,6 +400,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, overwrite: bool = 
     state = restored.state
     stream.set_state(restored.step, restored.data_state)
     _LOG.info('resumed from %s step %d', ckpt.directory, restored.step)
+  elif uptrains(config):
+    state = train_then_pool_multi_head(requested, workdir, state, stream, example, mesh)
+    # A checkpoint of the pooled state: rollbacks and resumes after this point start from it.
+    ckpt.save(int(state.step), state, data_state=stream.get_state(), config=config, force=True)
   elif config.init.checkpoint:
     state = init_from_pretrained(config, state, optimizer)
 
@@ -415,6 +486,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, overwrite: bool = 
   ckpt.close()
   result = dict(workdir=workdir, step=step, task=config.train.task, rollbacks=rollbacks,
                 train_seconds=round(time.perf_counter() - start_time, 1))
+  if uptrains(config):
+    result['mha_steps'] = config.train.mha_steps
   if finetune and config.train.final_eval_split:
     split = config.train.final_eval_split
     eval_start = time.perf_counter()

@@ -229,3 +229,61 @@ def test_curriculum_is_for_finetuning(data_dir, tmp_path):
   config = curriculum_config(data_dir, task='pretrain')
   with pytest.raises(ValueError, match="curriculum is for fine-tuning; config.train.task='pretrain'"):
     train.train(config, str(tmp_path / 'run'))
+
+
+def uptraining_config(data_dir, **train_overrides):
+  """The embedded FiDO (multi-query decoder) smoke run, its first 3 steps multi-head."""
+  overrides = dict(eval_every=0, final_eval_split='', log_every=1, checkpoint_every=2,
+                   keep_checkpoints=5, mha_steps=3)
+  overrides.update(train_overrides)
+  return smoke_config(data_dir, **overrides)
+
+
+def test_uptraining_pools_the_multi_head_twin_into_multi_query_and_resumes_exactly(data_dir,
+                                                                                      tmp_path):
+  reference = str(tmp_path / 'reference')
+  result = train.train(uptraining_config(data_dir, steps=6), reference)
+  assert result['step'] == 6 and result['mha_steps'] == 3
+  twin_dir = os.path.join(reference, train.MULTI_HEAD_DIR)
+  cross = 'decoder/~/layer_01/~/cross_attention'
+  twin_step, twin_params = final_params(twin_dir)
+  assert twin_step == 3
+  heads = uptraining_config(data_dir).model.decoder.num_heads
+  d_enc, d_kv = twin_params[cross]['key'].shape[0], twin_params[cross]['key'].shape[-1]
+  assert twin_params[cross]['key'].shape == (d_enc, heads, d_kv)  # multi-head
+
+  # The multi-query run starts from the mean-pooled twin at step 3 and trains steps 4-6.
+  with checkpoint.Checkpointer(os.path.join(reference, 'checkpoints'), read_only=True) as ckpt:
+    assert ckpt.all_steps() == [3, 4, 6]
+    import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+    pooled = ocp.StandardCheckpointer().restore(ckpt.directory / '3' / 'params')
+  np.testing.assert_allclose(pooled[cross]['key'], twin_params[cross]['key'].mean(axis=1),
+                             rtol=1e-6)
+  np.testing.assert_array_equal(pooled['encoder/~/layer_00/~/mlp']['wi_0'],
+                                twin_params['encoder/~/layer_00/~/mlp']['wi_0'])
+  _, final = final_params(reference)
+  assert final[cross]['key'].shape == (d_enc, d_kv)  # multi-query
+  assert [m['step'] for m in read_metrics(reference) if 'loss' in m] == [4, 5, 6]
+  assert [m['step'] for m in read_metrics(twin_dir) if 'loss' in m] == [1, 2, 3]
+
+  # Interrupted inside the twin, again right after pooling, then finished: bit-identical.
+  workdir = str(tmp_path / 'resumed')
+  twin = train.multi_head_twin(uptraining_config(data_dir, steps=6))
+  twin.train.steps = 2
+  train.train(twin, os.path.join(workdir, train.MULTI_HEAD_DIR))
+  for steps in (4, 6):
+    train.train(uptraining_config(data_dir, steps=steps), workdir)
+  _, resumed = final_params(workdir)
+  for a, b in zip(jax.tree.leaves(final), jax.tree.leaves(resumed)):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_bad_uptraining_fails_clearly_and_multi_head_models_ignore_it(data_dir, tmp_path):
+  with pytest.raises(ValueError, match=r'mha_steps=6 must be an int in \[0, config.train.steps=6\)'):
+    train.train(uptraining_config(data_dir, steps=6, mha_steps=6), str(tmp_path / 'long'))
+  config = uptraining_config(data_dir, steps=4)
+  config.model = load_config_file(os.path.join(REPO, 'experiments/embedded.py:fid,smoke')).model
+  result = train.train(config, str(tmp_path / 'mha'))  # already multi-head: nothing to uptrain
+  assert result['step'] == 4 and 'mha_steps' not in result
+  assert not os.path.exists(tmp_path / 'mha' / train.MULTI_HEAD_DIR)
+  assert [m['step'] for m in read_metrics(tmp_path / 'mha') if 'loss' in m] == [1, 2, 3, 4]
