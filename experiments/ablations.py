@@ -170,8 +170,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   if arg.train:
     common['train.progress'] = False
     if arg.steps:
-      # A new run length needs its own multi-head share: 0 (each model's own attention from the
-      # start) unless mha_steps=M is given.
+      # mha_steps=M: the first M steps train each run's multi-head twin (config.train.mha_steps).
       common.update({'train.steps': arg.steps, 'train.mha_steps': arg.mha_steps})
   suffix = '-runlocal' if local else ''
   config = ml_collections.ConfigDict()

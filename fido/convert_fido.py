@@ -150,12 +150,12 @@ def pool_kv_heads(source: Any, target: Any) -> Any:
   """`source` reshaped into `target`'s shapes: key/value heads mean-pooled, everything else copied.
 
   `source` is a params tree, or an optimizer state mirroring one (second moments, momentum), of a
-  model with more key/value heads than `target`'s model and otherwise the same shapes; `target` is the
-  matching tree of arrays or jax.ShapeDtypeStructs. Each [D, H, E] key/value leaf becomes [D, K, E]
-  ([D, E] for K = 1) by averaging groups of H/K adjacent heads, as `mean_pool_heads`: GQA uptraining
-  (Ainslie et al., 2023), how FiDO turns multi-head T5 into multi-query. The result has `target`'s
-  dtypes and, where `target` carries them, its shardings. Any other shape mismatch raises
-  ConversionError naming the leaf.
+  model with more key/value heads than `target`'s model and otherwise the same shapes; `target` is
+  the matching tree of arrays or jax.ShapeDtypeStructs. Each [D, H, E] key/value leaf becomes
+  [D, K, E] ([D, E] for K = 1) by averaging groups of H/K adjacent heads, as `mean_pool_heads`: GQA
+  uptraining (Ainslie et al., 2023), how FiDO turns multi-head T5 into multi-query. The result has
+  `target`'s dtypes and, where `target` carries them, its shardings. Any other shape mismatch
+  raises ConversionError naming the leaf.
   """
   def convert(path, src, dst):
     src_shape, dst_shape = tuple(src.shape), tuple(dst.shape)

@@ -14,10 +14,10 @@ a non-finite loss, or a loss above `spike_factor` x its running mean, restores t
 by `lr_cut`; at most `max_rollbacks` times.
 
 Uptraining from multi-head attention (`config.train.mha_steps` = N > 0; a no-op for models without
-multi-query or grouped-query attention): steps [0, N) train the model's multi-head twin (every key/value head
-count = its query heads) in `workdir/multi_head/`, a run of its own; at step N its params and
-optimizer state are mean-pooled into config.model's key/value heads (`pool_kv_heads`) and the run
-continues in `workdir` with the same data stream. This is how multi-query FiDO is made from
+multi-query or grouped-query attention): steps [0, N) train the model's multi-head twin (every
+key/value head count = its query heads) in `workdir/multi_head/`, a run of its own; at step N its
+params and optimizer state are mean-pooled into config.model's key/value heads (`pool_kv_heads`)
+and the run continues in `workdir` with the same data stream. This is how multi-query FiDO is made from
 multi-head T5 (FiDO §3.2; GQA uptraining, Ainslie et al., 2023), here within one run.
 """
 
@@ -40,9 +40,9 @@ from fido import evaluate
 from fido import optim
 from fido import sharding
 from fido import train_step as train_step_lib
+from fido.convert_fido import pool_kv_heads
 from fido.data import fid_format, pipeline
 from fido.data.sources import resolve_data
-from fido.convert_fido import pool_kv_heads
 from fido.data.tokenizer import Tokenizer, load_tokenizer
 from fido.model.fid import make_model
 
