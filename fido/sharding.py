@@ -262,9 +262,9 @@ def init_sharded_train_state(model: FiDFunctions, optimizer: optax.GradientTrans
                              rules: Rules = RULES, strict: bool = False
                              ) -> tuple[TrainState, TrainState]:
   """(state, its shardings): every array is created directly in its shards."""
+  abstract = abstract_train_state(model, optimizer, example_batch, mesh, rules, strict)
+  shardings = jax.tree.map(lambda x: x.sharding, abstract)
   init = functools.partial(init_train_state, model, optimizer)
-  abstract = jax.eval_shape(init, rng, example_batch)
-  shardings = train_state_shardings(abstract, mesh, rules, strict)
   return jax.jit(init, out_shardings=shardings)(rng, example_batch), shardings
 
 

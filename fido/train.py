@@ -17,8 +17,8 @@ Uptraining from multi-head attention (`config.train.mha_steps` = N > 0; a no-op 
 multi-query or grouped-query attention): steps [0, N) train the model's multi-head twin (every
 key/value head count = its query heads) in `workdir/multi_head/`, a run of its own; at step N its
 params and optimizer state are mean-pooled into config.model's key/value heads (`pool_kv_heads`)
-and the run continues in `workdir` with the same data stream. This is how multi-query FiDO is made from
-multi-head T5 (FiDO §3.2; GQA uptraining, Ainslie et al., 2023), here within one run.
+and the run continues in `workdir` with the same data stream. This is how multi-query FiDO is made
+from multi-head T5 (FiDO §3.2; GQA uptraining, Ainslie et al., 2023), here within one run.
 """
 
 import collections
@@ -384,6 +384,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, overwrite: bool = 
 
   validate_curriculum(config)
   validate_mha_steps(config)
+  uptraining = uptrains(config)
   stream = DataStream(config, tokenizer, read_train_data(config))
   example = _host_batch(next(iter(make_train_loader(config, tokenizer, stream.examples))))
   state, state_shardings = sharding.init_sharded_train_state(
@@ -400,7 +401,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, overwrite: bool = 
     state = restored.state
     stream.set_state(restored.step, restored.data_state)
     _LOG.info('resumed from %s step %d', ckpt.directory, restored.step)
-  elif uptrains(config):
+  elif uptraining:
     state = train_then_pool_multi_head(requested, workdir, state, stream, example, mesh)
     # A checkpoint of the pooled state: rollbacks and resumes after this point start from it.
     ckpt.save(int(state.step), state, data_state=stream.get_state(), config=config, force=True)
@@ -486,7 +487,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, overwrite: bool = 
   ckpt.close()
   result = dict(workdir=workdir, step=step, task=config.train.task, rollbacks=rollbacks,
                 train_seconds=round(time.perf_counter() - start_time, 1))
-  if uptrains(config):
+  if uptraining:
     result['mha_steps'] = config.train.mha_steps
   if finetune and config.train.final_eval_split:
     split = config.train.final_eval_split
