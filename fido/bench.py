@@ -7,6 +7,10 @@ that random weights decode the full length). Each is the median over `repeats` t
 (`config.bench.reference='hf'`), our calls and the reference's alternate round-robin, so that the
 machine's drift (other tenants, clock changes) hits both alike and the printed ratios are in-run.
 
+`weights_only_call` times a loop that does nothing but a decode step's weight matmuls, at the same
+batch and number of steps (`config.bench.weights_only`): how close the decoder is to the cost of
+reading its weights once per step, whatever the hardware.
+
 `max_batch_search` finds the largest batch that encode + greedy decode can run at (paper Table 1):
 by real allocations on an accelerator, from the memory model (`fido.analysis.max_batch`) on CPU.
 """
@@ -63,6 +67,15 @@ def timing_fields(encoder_s: list[float], decoder_s: list[float], batch: int) ->
               encoder_ms_range=enc_range, decoder_ms_range=dec_range)
 
 
+def paired_ratios(numerator_s: Sequence[float], denominator_s: Sequence[float]) -> list[float]:
+  """[min, median, max] over rounds of numerator / denominator (times taken in the same round).
+
+  Round by round, drift on a shared machine cancels; the spread shows how much it moved the ratio.
+  """
+  ratios = [n / d for n, d in zip(numerator_s, denominator_s, strict=True)]
+  return [round(min(ratios), 2), round(statistics.median(ratios), 2), round(max(ratios), 2)]
+
+
 def random_inputs(rng: np.random.Generator, batch: int, n_passages: int, passage_len: int,
                   vocab_size: int):
   """Random token ids [B, P, L] (ids >= 3: no pad/EOS/unk) and an all-true mask."""
@@ -99,6 +112,59 @@ def fido_calls(config: ml_collections.ConfigDict, batch: int, rng: np.random.Gen
   return (lambda: encode(params, ids, mask)), (lambda: decode(params, enc, enc_mask)), first_call_s
 
 
+_STEP_MODULES = ('self_attention', 'cross_attention', 'mlp')
+
+
+def decoder_step_matrices(params) -> list[jax.Array]:
+  """The weight matrices one decode step multiplies by, each as 2-D [in, out]; the output layer last.
+
+  Per decoder layer: self-attention query/key/value/output, cross-attention query/output (its
+  key/value projections run once per sequence, in init_cache) and the MLP's wi_0/wi_1/wo.
+  """
+  matrices = []
+  for module in sorted(params):
+    kind = module.split('/')[-1]
+    if module.split('/')[0] != 'decoder' or kind not in _STEP_MODULES:
+      continue
+    for name, w in sorted(params[module].items()):
+      if kind == 'cross_attention' and name in ('key', 'value'):
+        continue
+      matrices.append(w.reshape(-1, w.shape[-1]) if name == 'output' else w.reshape(w.shape[0], -1))
+  return matrices + [params['output_projection']['w']]
+
+
+def weights_only_decode(matrices: Sequence[jax.Array], embeddings_VxD: jax.Array, batch: int,
+                        steps: int, dtype: str = 'float32') -> jax.Array:
+  """`steps` greedy steps that only multiply by `matrices` (cast to `dtype` at use, as the model).
+
+  Each matrix multiplies the running activation [batch, D] (tiled or cut to its input width) and
+  the mean of the product is added back, so every product is needed at every step; the output
+  layer's argmax picks the next token, whose embedding starts the next step. Returns int32 [batch].
+  """
+  def step(_, token_B):
+    x_BxD = embeddings_VxD[token_B]
+    for w in matrices[:-1]:
+      d_in = w.shape[0]
+      x_in = jnp.tile(x_BxD, (1, -(-d_in // x_BxD.shape[1])))[:, :d_in]
+      product = jnp.dot(x_in.astype(dtype), w.astype(dtype), preferred_element_type=jnp.float32)
+      x_BxD = x_BxD + jnp.mean(product, axis=-1, keepdims=True)
+    logits_BxV = jnp.dot(x_BxD.astype(dtype), matrices[-1].astype(dtype),
+                         preferred_element_type=jnp.float32)
+    return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
+
+  return jax.lax.fori_loop(0, steps, step, jnp.zeros((batch,), jnp.int32))
+
+
+def weights_only_call(config: ml_collections.ConfigDict, params, batch: int) -> Callable:
+  """A zero-argument, compiled call of `weights_only_decode` for our model's decoder."""
+  embedding = 'decoder_embedding' if 'decoder_embedding' in params else 'shared_embedding'
+  matrices, embeddings = decoder_step_matrices(params), params[embedding]['embeddings']
+  fn = jax.jit(lambda m, e: weights_only_decode(m, e, batch, config.bench.target_len,
+                                                config.model.dtype))
+  jax.block_until_ready(fn(matrices, embeddings))
+  return lambda: fn(matrices, embeddings)
+
+
 def _result(config: ml_collections.ConfigDict, batch: int, params, encoder_s: list[float],
             decoder_s: list[float], first_call_s: float) -> dict[str, Any]:
   bench = config.bench
@@ -116,16 +182,51 @@ def _result(config: ml_collections.ConfigDict, batch: int, params, encoder_s: li
       fid_light_k=config.model.fid_light_k)
 
 
-def bench_model(config: ml_collections.ConfigDict) -> Iterator[dict[str, Any]]:
-  """Yields one result dict per batch size in `config.bench.batch_sizes`."""
+def bench_batch(config: ml_collections.ConfigDict, batch: int, rng: np.random.Generator, model,
+                params, reference=None) -> list[dict[str, Any]]:
+  """Times one batch size; returns [ours], or [ours, theirs, speed-ups] with a `reference`.
+
+  `reference` is a `bench_reference.HFReference`. All calls (ours, the reference's, the weights-only
+  loop) alternate round-robin, `config.bench.repeats` rounds after `warmup` untimed ones.
+  """
   bench = config.bench
+  encode, decode, first_call_s = fido_calls(config, batch, rng, model, params)
+  if reference is None:
+    calls = dict(encode=encode, decode=decode)
+  else:
+    hf_encode, hf_decode = reference.calls(batch, rng)
+    calls = dict(encode=encode, hf_encode=hf_encode, decode=decode, hf_decode=hf_decode)
+  if bench.weights_only:
+    calls['weights_only'] = weights_only_call(config, params, batch)
+  times = dict(zip(calls, time_interleaved(list(calls.values()), bench.repeats, bench.warmup)))
+  ours = _result(config, batch, params, times['encode'], times['decode'], first_call_s)
+  if bench.weights_only:
+    ours.update(
+        weights_only_ms=round(1000.0 * statistics.median(times['weights_only']) / batch, 3),
+        decoder_over_weights_only=paired_ratios(times['decode'], times['weights_only']))
+  if reference is None:
+    return [ours]
+  theirs = reference.result(batch, timing_fields(times['hf_encode'], times['hf_decode'], batch))
+  ours_total = [e + d for e, d in zip(times['encode'], times['decode'])]
+  theirs_total = [e + d for e, d in zip(times['hf_encode'], times['hf_decode'])]
+  speedup = dict(
+      name=f'speedup {ours["name"]} vs {theirs["name"]}', batch=batch,
+      encoder=round(theirs['encoder_ms'] / ours['encoder_ms'], 2),
+      decoder=round(theirs['decoder_ms'] / ours['decoder_ms'], 2),
+      total=round(theirs['total_ms'] / ours['total_ms'], 2), interleaved=True,
+      encoder_per_round=paired_ratios(times['hf_encode'], times['encode']),
+      decoder_per_round=paired_ratios(times['hf_decode'], times['decode']),
+      total_per_round=paired_ratios(theirs_total, ours_total))
+  return [ours, theirs, speedup]
+
+
+def bench_model(config: ml_collections.ConfigDict) -> Iterator[dict[str, Any]]:
+  """Yields our result dict per batch size in `config.bench.batch_sizes`."""
   model = make_model(config.model)
-  rng = np.random.default_rng(bench.seed)
+  rng = np.random.default_rng(config.bench.seed)
   params = random_params(config, model, rng)
-  for batch in bench.batch_sizes:
-    encode, decode, first_call_s = fido_calls(config, batch, rng, model, params)
-    encoder_s, decoder_s = time_interleaved([encode, decode], bench.repeats, bench.warmup)
-    yield _result(config, batch, params, encoder_s, decoder_s, first_call_s)
+  for batch in config.bench.batch_sizes:
+    yield bench_batch(config, batch, rng, model, params)[0]
 
 
 def _emit(result: dict[str, Any], output: str) -> None:
@@ -141,7 +242,7 @@ def run_bench(config: ml_collections.ConfigDict) -> list[dict[str, Any]]:
 
   With `config.bench.reference='hf'`, also times Hugging Face transformers' T5 FiD on the same
   workload, interleaved with ours call by call, and prints the ratios reference / ours (> 1: we
-  are faster). Returns our results.
+  are faster): of the medians, and per round as [min, median, max]. Returns our results.
   """
   bench = config.bench
   if bench.reference not in ('', 'hf'):
@@ -158,20 +259,10 @@ def run_bench(config: ml_collections.ConfigDict) -> list[dict[str, Any]]:
   reference = bench_reference.HFReference(config)
   results = []
   for batch in bench.batch_sizes:
-    encode, decode, first_call_s = fido_calls(config, batch, rng, model, params)
-    hf_encode, hf_decode = reference.calls(batch, rng)
-    ours_enc, theirs_enc, ours_dec, theirs_dec = time_interleaved(
-        [encode, hf_encode, decode, hf_decode], bench.repeats, bench.warmup)
-    ours = _result(config, batch, params, ours_enc, ours_dec, first_call_s)
-    theirs = reference.result(batch, timing_fields(theirs_enc, theirs_dec, batch))
-    _emit(ours, bench.output)
-    _emit(theirs, bench.output)
-    _emit(dict(name=f'speedup {ours["name"]} vs {theirs["name"]}', batch=batch,
-               encoder=round(theirs['encoder_ms'] / ours['encoder_ms'], 2),
-               decoder=round(theirs['decoder_ms'] / ours['decoder_ms'], 2),
-               total=round(theirs['total_ms'] / ours['total_ms'], 2), interleaved=True),
-          bench.output)
-    results.append(ours)
+    lines = bench_batch(config, batch, rng, model, params, reference)
+    for line in lines:
+      _emit(line, bench.output)
+    results.append(lines[0])
   return results
 
 

@@ -195,7 +195,9 @@ def bench_config(setting: str = 'paper') -> ml_collections.ConfigDict:
   if setting not in settings:
     raise ConfigError(f'unknown bench setting {setting!r}; expected one of {sorted(settings)}')
   return ml_collections.ConfigDict(dict(
-      setting=setting, repeats=5, warmup=1, seed=0, output='', reference='', **settings[setting]))
+      setting=setting, repeats=5, warmup=1, seed=0, output='', reference='',
+      weights_only=False,  # also time a loop of only the decode step's weight matmuls
+      **settings[setting]))
 
 
 def default_config() -> ml_collections.ConfigDict:

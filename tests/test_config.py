@@ -1,12 +1,9 @@
-"""Configs: the paper's variants, config-time validation errors, argument parsing, the bench mode."""
-
-import json
+"""Configs: the paper's variants, config-time validation errors, argument parsing."""
 
 import jax
 import jax.numpy as jnp
 import pytest
 
-from fido import bench
 from fido.config import ConfigError, load_config_file, model_config, parse_arg, validate_model_config
 from fido.model.fid import make_model
 
@@ -89,29 +86,3 @@ def test_parse_arg_and_config_file_errors(tmp_path):
     load_config_file(str(empty))
   with pytest.raises(ConfigError, match="unknown model size 'giant'"):
     load_config_file('experiments/fid.py:giant')
-
-
-def test_bench_prints_one_json_line_per_batch(capsys):
-  config = load_config_file('experiments/fido.py:tiny,bench=tiny')
-  config.bench.repeats = 2
-  config.bench.batch_sizes = (1, 2)
-  results = bench.run_bench(config)
-  lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-  assert lines == results and [r['batch'] for r in results] == [1, 2]
-  for result in results:
-    assert result['encoder_ms'] > 0 and result['decoder_ms'] > 0
-    assert result['n_passages'] == 3 and result['passage_len'] == 16 and result['target_len'] == 4
-    assert result['cross_attention_period'] == 4 and result['decoder_kv_heads'] == 1
-
-
-def test_bench_against_hf_reference_interleaves_and_prints_ratios(capsys):
-  pytest.importorskip('torch')
-  pytest.importorskip('transformers')
-  config = load_config_file('experiments/fid.py:tiny,bench=tiny')
-  config.bench.update(repeats=2, warmup=1, batch_sizes=(2,), reference='hf')
-  results = bench.run_bench(config)
-  ours, theirs, ratios = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-  assert ours == results[0] and theirs['name'] == 'hf-transformers-t5-tiny'
-  assert theirs['encoder_ms'] > 0 and theirs['decoder_ms'] > 0 and theirs['batch'] == 2
-  assert ratios['interleaved'] and ratios['total'] == round(
-      theirs['total_ms'] / ours['total_ms'], 2)

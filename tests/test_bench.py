@@ -1,0 +1,97 @@
+"""The bench mode: JSON lines, the interleaved Hugging Face reference, per-round ratios and the
+weights-only decode loop."""
+
+import json
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fido import bench
+from fido.config import cross_attention_layers, load_config_file
+from fido.model.fid import make_model
+
+
+def test_bench_prints_one_json_line_per_batch(capsys):
+  config = load_config_file('experiments/fido.py:tiny,bench=tiny')
+  config.bench.repeats = 2
+  config.bench.batch_sizes = (1, 2)
+  results = bench.run_bench(config)
+  lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+  assert lines == results and [r['batch'] for r in results] == [1, 2]
+  for result in results:
+    assert result['encoder_ms'] > 0 and result['decoder_ms'] > 0
+    assert result['n_passages'] == 3 and result['passage_len'] == 16 and result['target_len'] == 4
+    assert result['cross_attention_period'] == 4 and result['decoder_kv_heads'] == 1
+    assert 'weights_only_ms' not in result  # opt-in
+
+
+def test_bench_against_hf_reference_interleaves_and_prints_ratios(capsys):
+  pytest.importorskip('torch')
+  pytest.importorskip('transformers')
+  config = load_config_file('experiments/fid.py:tiny,bench=tiny')
+  config.bench.update(repeats=3, warmup=1, batch_sizes=(2,), reference='hf')
+  results = bench.run_bench(config)
+  ours, theirs, ratios = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+  assert ours == results[0] and theirs['name'] == 'hf-transformers-t5-tiny'
+  assert theirs['encoder_ms'] > 0 and theirs['decoder_ms'] > 0 and theirs['batch'] == 2
+  assert ratios['interleaved'] and ratios['total'] == round(
+      theirs['total_ms'] / ours['total_ms'], 2)
+  for part in ('encoder', 'decoder', 'total'):
+    low, median, high = ratios[f'{part}_per_round']
+    assert 0 < low <= median <= high
+
+
+def test_paired_ratios_are_taken_round_by_round():
+  # A machine that slows both sides 3x in round 2: the ratio of each round stays 2.
+  assert bench.paired_ratios([2.0, 6.0, 2.2], [1.0, 3.0, 1.0]) == [2.0, 2.0, 2.2]
+  with pytest.raises(ValueError):
+    bench.paired_ratios([1.0, 2.0], [1.0])
+
+
+def test_decoder_step_matrices_are_every_weight_a_decode_step_reads():
+  config = load_config_file('experiments/fido.py:tiny,bench=tiny')
+  model = make_model(config.model)
+  params = bench.random_params(config, model, np.random.default_rng(0))
+  matrices = bench.decoder_step_matrices(params)
+  dec = config.model.decoder
+  cross = len(cross_attention_layers(dec))
+  # Per layer q, k, v, o and wi_0, wi_1, wo; cross-attention q and o (K/V run once, in init_cache).
+  assert len(matrices) == 7 * dec.num_layers + 2 * cross + 1
+  heads = dec.num_heads * dec.d_kv
+  per_layer = 2 * dec.d_model * heads + 2 * dec.d_model * dec.num_kv_heads * dec.d_kv \
+      + 3 * dec.d_model * dec.d_ff
+  expected = (dec.num_layers * per_layer + cross * 2 * dec.d_model * heads
+              + dec.d_model * config.model.vocab_size)
+  assert sum(m.size for m in matrices) == expected
+  assert matrices[-1].shape == (dec.d_model, config.model.vocab_size)
+  assert {m.shape[0] for m in matrices} == {dec.d_model, heads, dec.d_ff}
+
+
+def test_weights_only_decode_chains_steps_through_the_output_layer():
+  # Identity embeddings, zero layer matrices and a permutation as the output layer: each step maps
+  # token t to perm[t], so `steps` steps apply the permutation `steps` times.
+  perm = np.array([2, 0, 3, 1])
+  output = jnp.asarray(np.eye(4)[perm])               # row t is e_{perm[t]}: e_t @ output
+  zero_layer = jnp.zeros((8, 4))                        # input width 8: the activation is tiled
+  embeddings = jnp.eye(4)
+  for steps in (1, 2, 3):
+    tokens = bench.weights_only_decode([zero_layer, output], embeddings, 3, steps)
+    expected = 0
+    for _ in range(steps):
+      expected = perm[expected]
+    np.testing.assert_array_equal(tokens, [expected] * 3)
+  # A layer matrix shifts every logit by the same mean: the argmax is unchanged, the values used.
+  ones_layer = jnp.ones((4, 6))
+  np.testing.assert_array_equal(
+      bench.weights_only_decode([ones_layer, output], embeddings, 2, 2), [perm[perm[0]]] * 2)
+
+
+def test_bench_weights_only_reports_the_decoder_over_its_matmul_floor(capsys):
+  config = load_config_file('experiments/fido.py:tiny,bench=tiny')
+  config.bench.update(repeats=3, warmup=1, weights_only=True)
+  [result] = bench.run_bench(config)
+  assert result['weights_only_ms'] > 0
+  low, median, high = result['decoder_over_weights_only']
+  assert 0 < low <= median <= high
+  assert json.loads(capsys.readouterr().out) == result
