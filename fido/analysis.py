@@ -270,6 +270,17 @@ def flops_per_sample(model, s: Setting) -> dict[str, float]:
   return out
 
 
+def bytes_per_sample(model, s: Setting) -> dict[str, float]:
+  """Modelled memory traffic per sample: encoder, decoder (K/V projection + T steps).
+
+  Weights are read once per batch (per step in the decoder) and shared by its samples.
+  """
+  b, enc, dec = s.batch_size, encoder_costs(model, s), decoder_costs(model, s)
+  step = sum(dec[k].bytes for k in STEP_COMPONENTS)
+  return dict(encoder=sum(c.bytes for c in enc.values()) / b,
+              decoder=(dec['cross_kv_projection'].bytes + s.target_len * step) / b)
+
+
 # ---------------------------------------------------------------------------- memory
 
 

@@ -168,10 +168,16 @@ def weights_only_call(config: ml_collections.ConfigDict, params, batch: int) -> 
 def _result(config: ml_collections.ConfigDict, batch: int, params, encoder_s: list[float],
             decoder_s: list[float], first_call_s: float) -> dict[str, Any]:
   bench = config.bench
+  timings = timing_fields(encoder_s, decoder_s, batch)
+  setting = analysis.setting_from_config(config, batch)
+  flops = analysis.flops_per_sample(config.model, setting)
+  traffic = analysis.bytes_per_sample(config.model, setting)
   return dict(
       name=config.name, batch=batch, n_passages=bench.n_passages,
-      passage_len=bench.passage_len, target_len=bench.target_len,
-      **timing_fields(encoder_s, decoder_s, batch),
+      passage_len=bench.passage_len, target_len=bench.target_len, **timings,
+      # Achieved rates from fido.analysis's counts: the encoder is compute-bound, decoding reads.
+      encoder_gflop_per_s=round(flops['encoder'] / timings['encoder_ms'] / 1e6, 1),
+      decoder_gb_per_s=round(traffic['decoder'] / timings['decoder_ms'] / 1e6, 1),
       repeats=bench.repeats, first_call_s=round(first_call_s, 2), dtype=config.model.dtype,
       device=jax.devices()[0].device_kind, num_devices=jax.device_count(),
       params=count_params(params),

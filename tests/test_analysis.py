@@ -96,6 +96,24 @@ def test_paper_flop_formulas_and_exact_counts_by_hand():
   assert fido_exact['decoder.cross_kv_projection'] == exact['decoder.cross_kv_projection'] / 6 / 12
 
 
+def test_bytes_per_sample_shares_weights_across_the_batch():
+  model = model_config('small', cross_attention_period=6, decoder_kv_heads=1, cross_kv_heads=1)
+  traffic = analysis.bytes_per_sample(model, PAPER)
+  enc, dec = analysis.encoder_costs(model, PAPER), analysis.decoder_costs(model, PAPER)
+  step = sum(dec[k].bytes for k in analysis.STEP_COMPONENTS)
+  assert traffic['encoder'] == sum(c.bytes for c in enc.values()) / 24
+  assert traffic['decoder'] == (dec['cross_kv_projection'].bytes + 32 * step) / 24
+  # Every decode step reads the step's float32 weights once per batch (8 layers of q, o, MQ k, v
+  # and MLP; q and o of the one cross-attention layer; the output layer), the K/V projection its
+  # own once: at batch 1 a sample pays all of them, at batch 24 a 24th.
+  step_weights = 4 * (8 * (2 * 512 * 384 + 2 * 512 * 64 + 3 * 512 * 1024) + 2 * 512 * 384
+                      + 512 * 32128)
+  cross_kv_weights = 4 * 2 * 512 * 64
+  single = analysis.bytes_per_sample(model, dataclasses.replace(PAPER, batch_size=1))
+  assert single['decoder'] - traffic['decoder'] == pytest.approx(
+      (32 * step_weights + cross_kv_weights) * (1 - 1 / 24))
+
+
 def test_multi_query_and_lsa_shrink_caches_exactly():
   base = model_config('base')
   mem = analysis.memory(base, PAPER)

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fido import bench
+from fido import analysis, bench
 from fido.config import cross_attention_layers, load_config_file
 from fido.model.fid import make_model
 
@@ -24,6 +24,13 @@ def test_bench_prints_one_json_line_per_batch(capsys):
     assert result['n_passages'] == 3 and result['passage_len'] == 16 and result['target_len'] == 4
     assert result['cross_attention_period'] == 4 and result['decoder_kv_heads'] == 1
     assert 'weights_only_ms' not in result  # opt-in
+    setting = analysis.setting_from_config(config, result['batch'])
+    flops = analysis.flops_per_sample(config.model, setting)['encoder']
+    assert result['encoder_gflop_per_s'] == pytest.approx(
+        flops / (result['encoder_ms'] / 1e3) / 1e9, rel=0.01, abs=0.05)
+    traffic = analysis.bytes_per_sample(config.model, setting)['decoder']
+    assert result['decoder_gb_per_s'] == pytest.approx(
+        traffic / (result['decoder_ms'] / 1e3) / 1e9, rel=0.01, abs=0.05)
 
 
 def test_bench_against_hf_reference_interleaves_and_prints_ratios(capsys):
