@@ -205,9 +205,10 @@ def test_roofline_predictions():
 
 
 def test_analyze_report_and_devices():
-  result = analysis.analyze(model_config('base', 'xl', cross_attention_period=6, decoder_kv_heads=1,
-                                         cross_kv_heads=1), PAPER, 'h100-sxm', name='fido-base-xl')
+  model = model_config('base', 'xl', cross_attention_period=6, decoder_kv_heads=1, cross_kv_heads=1)
+  result = analysis.analyze(model, PAPER, 'h100-sxm', name='fido-base-xl')
   assert json.loads(json.dumps(result))['max_batch'] == result['max_batch'] > 0
+  assert result['bytes_per_sample'] == analysis.bytes_per_sample(model, PAPER)
   table = analysis.format_table([result, result])
   assert table.count('fido-base-xl') == 2
   with pytest.raises(ValueError, match='unknown device'):
