@@ -66,8 +66,8 @@ def test_decoder_step_matrices_are_every_weight_a_decode_step_reads():
   # Per layer q, k, v, o and wi_0, wi_1, wo; cross-attention q and o (K/V run once, in init_cache).
   assert len(matrices) == 7 * dec.num_layers + 2 * cross + 1
   heads = dec.num_heads * dec.d_kv
-  per_layer = 2 * dec.d_model * heads + 2 * dec.d_model * dec.num_kv_heads * dec.d_kv \
-      + 3 * dec.d_model * dec.d_ff
+  per_layer = (2 * dec.d_model * heads + 2 * dec.d_model * dec.num_kv_heads * dec.d_kv
+               + 3 * dec.d_model * dec.d_ff)
   expected = (dec.num_layers * per_layer + cross * 2 * dec.d_model * heads
               + dec.d_model * config.model.vocab_size)
   assert sum(m.size for m in matrices) == expected
