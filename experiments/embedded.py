@@ -10,17 +10,21 @@ enough for a 2-core CPU: a 'micro' encoder (64 wide, 2 layers) and a larger 'min
   python run.py --mode=train --config=experiments/embedded.py:fido,smoke --workdir=/tmp/smoke
 
 Variants: fido (LSA-2 + MQ + asymmetric decoder), fid (the FiD baseline: micro-micro, cross-
-attention in every layer, multi-head). `smoke` shrinks data and steps to seconds, for tests.
+attention in every layer, multi-head). Arguments: `late` (the answer after two filler sentences,
+48-token passages: the FiD-Light ablation's data), `smoke` (data and steps shrunk to seconds,
+for tests).
 """
 
 from fido import config as fido_config
 
+VOCAB_PIECES = 600  # SentencePiece pieces; the model vocabulary adds 100 sentinels, rounded to 128
+
 
 def get_config(arg: str | None = None):
-  arg = fido_config.parse_arg(arg, variant='fido', smoke=False)
+  arg = fido_config.parse_arg(arg, variant='fido', late=False, smoke=False)
   config = fido_config.default_config()
-  config.name = f'embedded-{arg.variant}'
-  vocab = 1152  # 1000 SentencePiece pieces + 100 sentinels, padded to a multiple of 128
+  config.name = f'embedded-{arg.variant}' + '-late' * arg.late
+  vocab = 768
   if arg.variant == 'fido':
     config.model = fido_config.model_config('micro', 'mini', cross_attention_period=2,
                                             decoder_kv_heads=1, cross_kv_heads=1, vocab_size=vocab)
@@ -29,23 +33,19 @@ def get_config(arg: str | None = None):
   else:
     raise fido_config.ConfigError(f'unknown variant {arg.variant!r}; expected fido or fid')
 
-  # 36 tokens hold "question: .. title: .. context: .." up to the answer in every passage (the
-  # answer ends by token 36 in 100% of 3000 training records, by 34 in 99%); the filler sentence
-  # after it is cut, which makes a 10-passage training step about 15% cheaper than at 40 (200 vs
-  # 234 ms), time the run spends on more 10-passage steps instead.
+  # Passages are one fact ("question: .. title: .. context: .."), at most 27 tokens + EOS; the
+  # late variant's two filler sentences before it need 48. Answers are two tokens + EOS.
   config.data.update(source='synthetic', dir='data/generated/synthetic', n_passages=10,
-                     passage_len=36, target_len=8)
-  # Enough fresh records that each is seen about once: a tiny model memorises a few thousand
-  # question -> answer pairs within ten epochs instead of learning to read (dev EM 0).
-  config.data.synthetic.n_train = 50_000
-  # Passage curriculum (FiD trained on few passages before many): 600 steps on the gold passage
-  # alone teach copying the asked attribute's value; 1000 on 4 passages (gold first) start matching
-  # the question's entity against distractors; the remaining 1500 read all 10. From scratch on 10
-  # passages the same model stays at the unigram plateau (loss ~4.6, exact match 0) for 2000 steps
-  # and more. The entity match appears suddenly, at a step that varies from run to run (here dev
-  # exact match 0.23 at step 2000, 0.83 at 2500, 0.95 at 3000).
-  config.data.curriculum.update(n_passages=(1, 4), steps=(600, 1000))
-  config.train.update(task='finetune', batch_size=32, steps=3100, log_every=50, eval_every=500,
+                     passage_len=48 if arg.late else 28, target_len=4)
+  config.data.synthetic.update(n_train=24_000, vocab_size=VOCAB_PIECES,
+                               answer_position='late' if arg.late else 'early')
+  if arg.late:
+    config.data.dir = 'data/generated/synthetic-late'
+  # Passage curriculum (FiD trained on few passages before many): the gold passage alone teaches
+  # copying the asked attribute's value; then the gold passage with the highest-scored (hardest)
+  # distractors teaches matching the question's entity and attribute; then all 10 passages.
+  config.data.curriculum.update(n_passages=(1, 2, 4), steps=(300, 300, 400))
+  config.train.update(task='finetune', batch_size=16, steps=1500, log_every=50, eval_every=500,
                       eval_examples=100, checkpoint_every=500, z_loss=1e-4)
   # The paper's optimizer (unfactored Adafactor, constant decay, update clipping, parameter-scale
   # updates) at T5's pre-training rate: learns this task from scratch far faster than AdamW 3e-3.
@@ -54,7 +54,7 @@ def get_config(arg: str | None = None):
   config.bench = fido_config.bench_config('tiny')
   if arg.smoke:
     config.data.synthetic.update(n_train=64, n_dev=16, n_test=16)
-    config.data.dir = 'data/generated/synthetic-smoke'
+    config.data.dir = 'data/generated/synthetic-smoke' + '-late' * arg.late
     config.data.curriculum.update(n_passages=(), steps=())
     config.train.update(steps=6, log_every=2, eval_every=3, eval_examples=8, checkpoint_every=3)
     config.eval.update(batch_size=8)

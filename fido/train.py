@@ -22,6 +22,7 @@ from multi-head T5 (FiDO §3.2; GQA uptraining, Ainslie et al., 2023), here with
 """
 
 import collections
+import concurrent.futures
 import json
 import logging
 import os
@@ -97,6 +98,56 @@ def data_stage(config: ml_collections.ConfigDict, step: int) -> int:
   return int(np.searchsorted(np.cumsum(config.data.curriculum.steps), step, side='right'))
 
 
+def stage_plan(config: ml_collections.ConfigDict) -> list[tuple[int, int, str]]:
+  """(first step, end step, label) of each stage of the run: the curriculum's, then the rest."""
+  ends = [int(e) for e in np.cumsum(config.data.curriculum.steps)] + [config.train.steps]
+  passages = list(config.data.curriculum.n_passages) + [config.data.n_passages]
+  plan, start = [], 0
+  for end, n in zip(ends, passages):
+    end = min(end, config.train.steps)
+    if end > start:
+      what = f'{n} passage{"s" * (n != 1)}' if config.train.task == 'finetune' else 'pre-training'
+      plan.append((start, end, what))
+    start = max(start, end)
+  return plan
+
+
+class StageProgress:
+  """One tqdm bar per stage of `stage_plan`, so that each bar's rate and ETA describe steps of
+  one cost (a 10-passage step costs several 1-passage ones); `update(step)` after each step."""
+
+  def __init__(self, config: ml_collections.ConfigDict, step: int, file=None):
+    self.plan, self.disable, self.file = stage_plan(config), not config.train.progress, file
+    self.bar, self.stage = None, None
+    self.goto(step)
+
+  def goto(self, step: int) -> None:
+    """Shows the stage that trains step `step` (0-based), `step` minus its start steps done."""
+    stage = next((i for i, (_, end, _) in enumerate(self.plan) if step < end), len(self.plan) - 1)
+    start, end, what = self.plan[stage]
+    if self.bar is not None:
+      self.bar.close()
+    self.stage = stage
+    self.bar = tqdm.tqdm(total=end - start, initial=min(step, end) - start, unit='step',
+                         desc=f'stage {stage + 1}/{len(self.plan)} ({what})', file=self.file,
+                         disable=self.disable, dynamic_ncols=True)
+
+  def update(self, step: int) -> None:
+    """Counts the step that made `step` steps done; moves on to the next stage's bar at its start."""
+    self.bar.update(1)
+    if step == self.plan[self.stage][1] and self.stage + 1 < len(self.plan):
+      self.goto(step)
+
+  def set_postfix(self, **values) -> None:
+    self.bar.set_postfix(**values)
+
+  def write(self, message: str) -> None:
+    self.bar.write(message, file=self.file)
+
+  def close(self) -> None:
+    self.bar.close()
+
+
 def read_train_data(config: ml_collections.ConfigDict) -> list:
   """Fine-tuning: the normalized FiD records; pre-training: the corpus documents."""
   data = config.data
@@ -132,33 +183,64 @@ def make_train_loader(config: ml_collections.ConfigDict, tokenizer: Tokenizer, e
 class DataStream:
   """Training batches across curriculum stages; get_state/set_state resume exactly at any step.
 
+  The batch of step s + 1 is prepared in a background thread while step s trains (tokenization
+  is Python; the train step releases the GIL). Each batch comes with the iterator state after it,
+  so get_state() is the state after the last batch handed out, whatever was prefetched since.
   A checkpoint after `step` steps stores the iterator of the stage that fed step `step - 1`; if
   step `step` starts a new stage, resuming starts that stage's loader afresh.
   """
 
   def __init__(self, config: ml_collections.ConfigDict, tokenizer: Tokenizer, examples: list):
     self.config, self.tokenizer, self.examples = config, tokenizer, examples
-    self.stage, self.iterator = None, None
+    self.stage, self.iterator, self.state = None, None, None
+    self.current_stage = None  # the stage of the last batch handed out
+    self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+    self._pending = None  # (step, future of (stage, batch, state after it))
 
   def _start(self, stage: int) -> None:
     self.stage = stage
     self.iterator = iter(make_train_loader(self.config, self.tokenizer, self.examples, stage))
 
-  def next(self, step: int) -> dict:
-    """The batch of training step `step` (0-based)."""
+  def _fetch(self, step: int) -> tuple[int, dict, Any]:
     stage = data_stage(self.config, step)
     if stage != self.stage:
       self._start(stage)
-    return next(self.iterator)
+    batch = next(self.iterator)
+    return stage, batch, self.iterator.get_state()
+
+  def _drain(self) -> None:
+    if self._pending is not None:
+      self._pending[1].result()
+      self._pending = None
+
+  def next(self, step: int) -> dict:
+    """The batch of training step `step` (0-based); starts preparing step `step + 1`'s."""
+    if self._pending is not None and self._pending[0] == step:
+      result = self._pending[1].result()
+      self._pending = None
+    else:
+      self._drain()
+      result = self._fetch(step)
+    stage, batch, self.state = result
+    self.current_stage = stage
+    self._pending = (step + 1, self._executor.submit(self._fetch, step + 1))
+    return batch
 
   def get_state(self):
-    return self.iterator.get_state()
+    return self.state
 
   def set_state(self, step: int, state) -> None:
     """Positions the stream after `step` steps, from the state saved at that step."""
+    self._drain()
     self._start(data_stage(self.config, max(step - 1, 0)))
     if state is not None:
       self.iterator.set_state(state)
+    self.state = self.iterator.get_state()
+    self.current_stage = self.stage
+
+  def close(self) -> None:
+    self._drain()
+    self._executor.shutdown()
 
 
 # ---------------------------------------------------------------------------------- bookkeeping
@@ -419,16 +501,15 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, overwrite: bool = 
   step = int(state.step)
   total = config.train.steps
   examples_per_step = config.train.batch_size
-  bar = tqdm.tqdm(total=total, initial=step, disable=not config.train.progress, unit='step',
-                  dynamic_ncols=True)
+  bar = StageProgress(config, step)
   window_start, window_steps, tokens = time.perf_counter(), 0, 0.0
   while step < total:
     if step == config.train.debug_nan_at_step and not poisoned:
       poisoned = True  # simulate a blow-up: the next update sees NaN parameters
       state = state._replace(params=jax.tree.map(lambda x: x * jnp.nan, state.params))
-    stage = stream.stage
+    stage = stream.current_stage
     host_batch = _host_batch(stream.next(step))
-    if stream.stage != stage:
+    if stream.current_stage != stage:
       monitor.reset()  # more passages per example: a higher loss is expected, not a divergence
     batch = sharding.make_global_batch(host_batch, mesh)
     state, metrics = step_fn(state, batch)
@@ -457,11 +538,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, overwrite: bool = 
       writer.write(step=step + 1, event='rollback', reason=reason, to_step=restored.step,
                    lr_scale=lr_scale)
       step = restored.step
-      bar.reset(total=total)
-      bar.update(step)
+      bar.goto(step)
       continue
     step += 1
-    bar.update(1)
+    bar.update(step)
     window_steps += 1
     tokens += float(metrics['num_tokens'])
     if step % config.train.log_every == 0 or step == total:
@@ -483,6 +563,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, overwrite: bool = 
                 metrics={'dev_exact_match': dev_metrics['exact_match']} if dev_metrics else None,
                 force=True)
   bar.close()
+  stream.close()
   ckpt.wait()
   ckpt.close()
   result = dict(workdir=workdir, step=step, task=config.train.task, rollbacks=rollbacks,

@@ -48,30 +48,37 @@ def test_answer_in_exactly_one_passage(data):
       assert sum(_contains(c, r["answers"][0]) for c in r["ctxs"]) == 1, r
 
 
-def test_distractors_share_entity_or_attribute(data):
-  counts = []
+def _cell(passage):
+  return tuple(passage["id"].rsplit("/", 1))
+
+
+def test_passages_form_a_grid_that_counting_cannot_solve(data):
+  counting_finds_gold = []
   for r in data["train"]:
     entity = _entity(r["question"])
     gold = next(c for c in r["ctxs"] if _contains(c, r["answers"][0]))
-    attribute = gold["id"].split("/")[1]
-    kinds = {"same entity": 0, "same attribute": 0}
-    for c in r["ctxs"]:
-      if c is gold:
-        continue
-      e, a = c["id"].rsplit("/", 1)
-      assert (e == entity) != (a == attribute)
-      kinds["same entity" if e == entity else "same attribute"] += 1
-    counts.append(kinds["same entity"])
-  # Each distractor shares the entity with probability 0.4 (at most 7 other attributes), so both
-  # kinds occur in most records: the gold passage is told apart only by matching both.
-  assert 0.3 < np.mean(counts) / 9 < 0.5
-  assert np.mean([0 < c < 9 for c in counts]) > 0.9
+    attribute = _cell(gold)[1]
+    cells = [_cell(c) for c in r["ctxs"]]
+    assert _cell(gold) == (entity, attribute) and len(set(cells)) == 10
+    entities, attributes = {e for e, _ in cells}, {a for _, a in cells}
+    # A grid: every entity-attribute pair but at most len(attributes) - 1 dropped cells.
+    assert len(entities) * len(attributes) - 10 < len(attributes)
+    # Distractors sharing the entity and distractors sharing the attribute: both are needed.
+    assert any(e == entity and a != attribute for e, a in cells)
+    assert any(e != entity and a == attribute for e, a in cells)
+    # Counting titles and facts: the gold passage is the unique most frequent one only by chance.
+    score = {c: sum(e == c[0] for e, _ in cells) + sum(a == c[1] for _, a in cells) for c in cells}
+    counting_finds_gold.append(sorted(score.values())[-2:] != [score[_cell(gold)]] * 2 and
+                               score[_cell(gold)] == max(score.values()))
+  assert np.mean(counting_finds_gold) < 0.3
 
 
-def test_multi_token_invented_answers(data):
-  answers = [r["answers"][0] for r in data["train"]]
-  assert all(len(a.split()) == 2 for a in answers)
-  assert len(set(answers)) == len(answers)
+def test_two_word_invented_answers_unique_in_their_record(data):
+  for r in data["train"]:
+    values = [c["text"] for c in r["ctxs"]]
+    assert len(r["answers"][0].split()) == 2
+    assert sum(r["answers"][0] in v for v in values) == 1
+    assert len({c["title"] for c in r["ctxs"]}) == len({_cell(c)[0] for c in r["ctxs"]})
 
 
 def test_dev_and_test_entities_unseen_in_training(data):
@@ -81,6 +88,8 @@ def test_dev_and_test_entities_unseen_in_training(data):
   train = entities("train")
   assert not train & entities("dev") and not train & entities("test")
   assert not entities("dev") & entities("test")
+  answers = lambda split: {r["answers"][0] for r in data[split]}
+  assert not answers("train") & (answers("dev") | answers("test"))
   corpus_words = re.findall(r"\w+|[^\w\s]", " ".join(data["corpus"]))  # punctuation separates
   corpus_bigrams = set(zip(corpus_words, corpus_words[1:]))
   assert not any(tuple(e.split()) in corpus_bigrams for e in entities("dev") | entities("test"))
@@ -96,17 +105,17 @@ def test_scores_decrease_and_gold_position_varies(data):
   assert len(set(positions)) == 10
 
 
-def test_late_variant_puts_the_answer_at_the_end():
+def test_late_variant_puts_the_answer_after_the_first_words():
   early = synthetic.generate(seed=1, n_train=50, n_dev=10, n_test=10)
   late = synthetic.generate(seed=1, n_train=50, n_dev=10, n_test=10, answer_position="late")
-  def offsets(d):
+  def word_offsets(d):  # where the answer starts in its passage's text, in words
     out = []
     for r in d["train"]:
       gold = next(c for c in r["ctxs"] if _contains(c, r["answers"][0]))
-      out.append(gold["text"].index(r["answers"][0]) / len(gold["text"]))
+      out.append(len(gold["text"][:gold["text"].index(r["answers"][0])].split()))
     return np.array(out)
-  assert offsets(early).max() < 0.5 < offsets(late).min()
-  assert all(r["ctxs"][0]["text"].endswith(".") for r in late["train"])
+  assert word_offsets(early).max() <= 7 < 10 <= word_offsets(late).min()
+  assert all(c["text"].endswith(".") for r in late["train"] for c in r["ctxs"])
   with pytest.raises(ValueError, match="answer_position"):
     synthetic.generate(seed=1, answer_position="middle")
 
@@ -128,17 +137,16 @@ def test_prepare_writes_readable_files_idempotently(tmp_path):
 
 
 def test_default_sizes_fit_a_small_cpu_model(tmp_path):
-  """The embedded default: ~1k-piece tokenizer, answers 2-4 tokens, short passages."""
+  """The embedded default: a 600-piece tokenizer, two-token names and answers, short passages."""
   paths = synthetic.prepare_synthetic(tmp_path, seed=0)
   tok = load_tokenizer(paths.tokenizer)
-  assert tok.num_pieces == 1000 and tok.vocab_size == 1152
+  assert tok.num_pieces == 600 and tok.vocab_size == 768
   dev, _ = read_fid_file(paths.dev)
   assert len(read_fid_file(paths.train)[0]) == 3000 and len(dev) == 300
-  answer_lengths = np.array([len(tok.encode(r["answers"][0])) for r in dev])
-  assert 2.5 <= answer_lengths.mean() <= 3.5 and (answer_lengths >= 2).all()
-  assert np.mean(answer_lengths <= 4) > 0.9
+  assert all(len(tok.encode(r["answers"][0])) == 2 for r in dev)
+  assert all(len(tok.encode(c["title"])) == 2 for r in dev[:30] for c in r["ctxs"])
   passages = [len(tok.encode(features.fid_passage_text(r["question"], c["title"], c["text"])))
-              for r in dev[:30] for c in r["ctxs"]]
-  assert 30 <= np.mean(passages) <= 60 and max(passages) <= 80
+              for r in dev for c in r["ctxs"]]
+  assert max(passages) + 1 <= 28  # with EOS: the embedded passage_len keeps every passage whole
   assert tok.encode("question:")[0] == tok.encode("question: x")[0]  # the FiD keywords are pieces
   assert len(tok.encode("question: title: context:")) <= 6

@@ -1,10 +1,12 @@
 """QA metrics: SQuAD/FiD normalization, EM, token F1, aggregation; expected values worked by hand."""
 
+import itertools
 import random
 import string
 
 import pytest
 
+from fido import metrics
 from fido.metrics import aggregate, exact_match, normalize_answer, score, token_f1
 
 
@@ -101,3 +103,15 @@ def test_aggregate():
   assert result['f1'] == pytest.approx((1 + 0.8 + 0) / 3)
   with pytest.raises(ValueError, match='no examples'):
     aggregate([])
+
+
+def test_ascii_fast_path_removes_articles_as_the_unicode_path_does():
+  """The ASCII fast path of normalize_answer must agree with the general word-character walk."""
+  rng = random.Random(0)
+  alphabet = list('atheny_1 .-') + ['the', 'an', 'a']
+  for _ in range(2000):
+    text = ''.join(rng.choices(alphabet, k=rng.randint(1, 12)))
+    walk = ''.join(' ' if is_word and ''.join(run) in metrics._ARTICLES else ''.join(run)
+                   for is_word, run in ((k, list(g)) for k, g in
+                                        itertools.groupby(text, key=metrics._is_word_char)))
+    assert metrics._remove_articles(text) == walk, text

@@ -18,9 +18,10 @@ PNG_MAGIC = b'\x89PNG\r\n\x1a\n'
 
 
 def sweep_config(workdir, runs, *, modes='bench', base='experiments/fido.py:tiny,bench=tiny',
-                 train_base='', max_batch=False):
+                 train_base='', max_batch=False, seeds=()):
   return ml_collections.ConfigDict(dict(name='test', sweep=dict(
       name='test', title='test sweep', base=os.path.join(REPO, base), runs=runs, modes=modes,
+      seeds=seeds,
       train_base=os.path.join(REPO, train_base) if train_base else '',
       train_sections=('data', 'train', 'optimizer', 'eval'), max_batch=max_batch,
       paper_setting='made up', workdir=str(workdir))))
@@ -45,8 +46,11 @@ def counting_fake_bench(calls):
 
 
 def table_lines(workdir):
+  """The rows of the first table of results.md (the speed table), header first."""
   with open(os.path.join(workdir, 'results.md')) as f:
-    return [line for line in f.read().splitlines() if line.startswith('| ')]  # not the |---|
+    tables = f.read().split('\n\n')
+  first = next(t for t in tables if t.startswith('| '))
+  return [line for line in first.splitlines() if line.startswith('| ')]  # not the |---|
 
 
 def assert_png(path):
@@ -118,6 +122,63 @@ def test_train_mode_trains_each_distinct_model_once(tmp_path, monkeypatch):
   assert len(trained) == 2 and len(bench_calls) == 3
 
 
+def test_seeds_train_every_run_once_per_seed_and_report_mean_and_std(tmp_path, monkeypatch):
+  bench_calls, trained = [], []
+  monkeypatch.setattr(bench, 'bench_model', counting_fake_bench(bench_calls))
+
+  def fake_train(config, workdir):
+    trained.append((config.name, config.train.seed, workdir, config.init.checkpoint))
+    em = {'A': 0.9, 'B': 0.5}[config.name[-1]] + 0.01 * config.train.seed
+    return dict(workdir=workdir, step=1, test_exact_match=em, test_f1=em, train_seconds=10.0)
+
+  monkeypatch.setattr(train_lib, 'train', fake_train)
+  runs = [run('A'), run('B', {'model.decoder.cross_attention_period': 1}, init_from='A')]
+  config = sweep_config(tmp_path, runs, modes='bench,train', base='experiments/embedded.py:fido',
+                        train_base='experiments/embedded.py:fido,smoke', seeds=(0, 1, 2))
+  results = sweep.run_sweep(config, str(tmp_path), verbose=False)
+  assert [(r['name'], r['seed']) for r in results] == [
+      ('A', 0), ('A', 1), ('A', 2), ('B', 0), ('B', 1), ('B', 2)]
+  assert [(name, seed) for name, seed, _, _ in trained] == [
+      ('test/A', 0), ('test/A', 1), ('test/A', 2), ('test/B', 0), ('test/B', 1), ('test/B', 2)]
+  assert trained[1][2] == str(tmp_path / 'runs' / 'A-seed1')
+  # init_from: each seed starts from the same seed's run.
+  assert [init for *_, init in trained[3:]] == [
+      str(tmp_path / 'runs' / f'A-seed{s}') for s in range(3)]
+  assert [c.name for c in bench_calls] == ['test/A', 'test/B']   # once per run, not per seed
+  assert all(r['bench'] for r in results)
+  with open(tmp_path / 'results.md') as f:
+    report = f.read()
+  assert '| A | 0 1 2 | 0.900 0.910 0.920 | 0.910 ± 0.010 | 0.900 |' in report
+  assert '| B | 0 1 2 | 0.500 0.510 0.520 | 0.510 ± 0.010 | 0.500 |' in report
+  header, *rows = table_lines(tmp_path)
+  assert [row.split('|')[1].strip() for row in rows[:2]] == ['A', 'B']  # speed table: one row per run
+  assert '0.910' in rows[0]   # its EM column: the mean over seeds
+  # Resumed: nothing runs again; a train-only sweep reports exact match alone.
+  sweep.run_sweep(config, str(tmp_path), verbose=False)
+  assert len(trained) == 6 and len(bench_calls) == 2
+  train_only = sweep_config(tmp_path / 'q', runs[:1], modes='train', seeds=(3, 4),
+                            base='experiments/embedded.py:fido')
+  sweep.run_sweep(train_only, str(tmp_path / 'q'), verbose=False)
+  assert len(bench_calls) == 2 and [seed for _, seed, _, _ in trained[6:]] == [3, 4]
+  with open(tmp_path / 'q' / 'results.md') as f:
+    report = f.read()
+  assert 'ms' not in report.split('| run |')[0] and '0.935 ± 0.007' in report
+
+
+def test_bad_references_and_seeds_fail_before_anything_runs(tmp_path, monkeypatch):
+  monkeypatch.setattr(train_lib, 'train', lambda *a: pytest.fail('trained'))
+  for runs, message in (([run('A', init_from='B'), run('B')], "init_from='B' is not the name of an earlier run"),
+                        ([run('A', convert_from='A')], "convert_from='A'")):
+    with pytest.raises(ConfigError, match=message):
+      sweep.run_sweep(sweep_config(tmp_path, runs, modes='train'), str(tmp_path), verbose=False)
+  with pytest.raises(ConfigError, match='needs training'):
+    sweep.run_sweep(sweep_config(tmp_path, [run('A'), run('B', init_from='A')]), str(tmp_path),
+                    verbose=False)
+  with pytest.raises(ConfigError, match='distinct integers'):
+    sweep.run_sweep(sweep_config(tmp_path, [run('A')], modes='train', seeds=(1, 1)),
+                    str(tmp_path), verbose=False)
+
+
 def test_bad_override_key_is_named_before_anything_runs(tmp_path, monkeypatch):
   monkeypatch.setattr(bench, 'bench_model', lambda config: pytest.fail('benchmarked'))
   for key, missing in (('model.decoder.cross_attention_perod', 'cross_attention_perod'),
@@ -138,8 +199,9 @@ def test_unknown_sweep_name_lists_the_known_ones():
     load_config_file(f'{ABLATIONS}:table5')
   with pytest.raises(ConfigError, match='known sweeps'):
     load_config_file(ABLATIONS)
+  assert sweep.parse_modes('train') == ('train',)
   with pytest.raises(ConfigError, match='modes'):
-    sweep.parse_modes('train')
+    sweep.parse_modes('bench,evaluate')
 
 
 @pytest.mark.parametrize('name', ['table3', 'table4', 'table6', 'fig4', 'fig6'])

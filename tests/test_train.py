@@ -1,5 +1,6 @@
 """The training loop: loss falls, exact resume after SIGKILL, NaN rollback, carry-over, bad input."""
 
+import io
 import json
 import os
 import signal
@@ -168,7 +169,7 @@ def test_bad_inputs_fail_clearly(data_dir, tmp_path):
 
   small_vocab = smoke_config(data_dir)
   small_vocab.model.vocab_size = 256
-  with pytest.raises(ValueError, match='needs vocab_size 1152 > config.model.vocab_size=256'):
+  with pytest.raises(ValueError, match='needs vocab_size 768 > config.model.vocab_size=256'):
     train.train(small_vocab, str(tmp_path / 'vocab'))
 
 
@@ -197,6 +198,34 @@ def test_passage_curriculum_feeds_gold_passages_first(data_dir):
   assert gold_in_first_passage(2) < 0.5  # the last stage reads the passages in retriever order
   assert gold_in_first_passage(0, answer_first=False) < 0.5
   assert [train.data_stage(config, s) for s in range(6)] == [0, 0, 1, 1, 2, 2]
+
+
+def test_progress_shows_one_bar_per_curriculum_stage(data_dir):
+  config = smoke_config(data_dir, steps=8)
+  config.train.progress = True
+  config.data.curriculum.update(n_passages=(1, 4), steps=(2, 3))
+  assert train.stage_plan(config) == [(0, 2, '1 passage'), (2, 5, '4 passages'),
+                                      (5, 8, '10 passages')]
+  out = io.StringIO()
+  bar = train.StageProgress(config, 0, file=out)
+  for step in range(1, 9):
+    bar.update(step)
+  bar.close()
+  final = {line.split(':')[0]: line for line in out.getvalue().replace('\r', '\n').splitlines()
+           if line.startswith('stage')}
+  assert sorted(final) == ['stage 1/3 (1 passage)', 'stage 2/3 (4 passages)',
+                           'stage 3/3 (10 passages)']
+  assert ' 2/2 ' in final['stage 1/3 (1 passage)'] and ' 3/3 ' in final['stage 3/3 (10 passages)']
+  # A resumed run (or a rollback) shows the stage of its next step, with that stage's steps done.
+  out = io.StringIO()
+  train.StageProgress(config, 3, file=out).close()
+  assert 'stage 2/3 (4 passages)' in out.getvalue() and ' 1/3 ' in out.getvalue()
+  # A curriculum longer than the run is cut; pre-training is one stage.
+  config.train.steps = 3
+  assert train.stage_plan(config) == [(0, 2, '1 passage'), (2, 3, '4 passages')]
+  config.data.curriculum.update(n_passages=(), steps=())
+  config.train.task = 'pretrain'
+  assert train.stage_plan(config) == [(0, 3, 'pre-training')]
 
 
 def test_passage_curriculum_resumes_exactly_at_stage_boundaries(data_dir, tmp_path):

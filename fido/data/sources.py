@@ -17,7 +17,7 @@ def default_data_config() -> ml_collections.ConfigDict:
       answer_choice='first',  # training target when there is no `target`: 'first' | 'random'
       inputs_length=512,      # pre-training (span corruption) input length; targets follow
       synthetic=dict(seed=0, n_train=3000, n_dev=300, n_test=300, answer_position='early',
-                     vocab_size=1000),
+                     vocab_size=600),
       # Passage curriculum for fine-tuning (FiD, Izacard & Grave 2021, §4.3, trained on few
       # passages before many): stage i trains `steps[i]` steps on `n_passages[i]` passages per
       # example, answer-bearing passages first when `answer_first`; then `n_passages` until the end.

@@ -1,14 +1,23 @@
 """Synthetic retrieval QA: the embedded default data set and a test bed.
 
-Invented places (entities) are asked about their attributes (capital, founder, ...). A question asks
-for one attribute of one entity; its answer (a multi-token invented string) appears in exactly one
-of the example's passages. The other passages are distractors: other attributes of the same entity
-and the same attribute of other entities. Every example draws fresh entity names and values (each
-record is its own small world of unique invented phrases), so an answer never occurs in another
-passage or record and dev/test entities are never seen in training: the model must learn to match
-the question's entity to a passage title and copy; memorizing names or facts cannot help. answer_position='late' puts the fact
-after the filler sentences of its passage (FiD-Light, which keeps only the first tokens of each
-passage, is then at a disadvantage, as the FiDO paper found). Everything is a function of the seed.
+Each record is its own small world of invented places (entities) and their attributes (capital,
+founder, ...). The question asks for one attribute of one entity; its answer (an invented two-word
+phrase) is stated in exactly one of the record's passages. The passages are a grid: r entities
+x c attributes (c drawn per record from 2..min(8, P // 2), r = ceil(P / c), fewer than c cells dropped,
+never the gold one, nor all distractors of one kind), one fact per passage. Every entity and every attribute therefore occurs about equally often, so
+neither counting titles nor counting facts finds the gold passage: only matching the question's
+entity against the passage title *and* its attribute against the fact does (a distractor shares
+the entity, the attribute, or neither).
+
+Names and values are fresh per record (no fact recurs, so memorising cannot help) and come from
+disjoint parts of the phrase space per split: no dev/test entity or answer occurs in training.
+Phrases are two one-syllable words ("Ban Tor"): the ~600-piece tokenizer learns every syllable, so
+names and answers are exactly two tokens, and short passages keep a CPU training step cheap.
+
+answer_position='early' (the default) makes a passage the fact alone; 'late' puts two filler
+sentences before it, so that the answer lies beyond the first tokens of its passage (FiD-Light,
+which keeps only those, is then at a disadvantage, as the FiDO paper found). Everything is a
+function of the seed.
 
 prepare_synthetic(out_dir) writes the whole embedded default: FiD JSONL train/dev/test, a corpus
 (one document per line: each *training* record's question and passages, for pre-training and for
@@ -27,9 +36,11 @@ import numpy as np
 
 from fido.data import tokenizer as tokenizer_lib
 
-FORMAT_VERSION = 5
+FORMAT_VERSION = 6
 ANSWER_POSITIONS = ("early", "late")
+SPLITS = ("train", "dev", "test")
 MAX_CORPUS_DOCUMENTS = 5000
+MAX_ATTRIBUTES_PER_RECORD = 3
 
 # (attribute, question template, fact template); {e} = entity, {v} = value.
 ATTRIBUTES = (
@@ -48,106 +59,69 @@ FILLERS = (
     "The winters in {e} are mild.", "Farmers in {e} grow grain and fruit.",
     "A small museum in {e} opened last year.", "Roads to {e} are busy in summer.",
 )
-_SYLLABLES = tuple(o + v + c for o in "bdfgklmnprstvz" for v in "aeiou"
-                   for c in ("", "n", "r", "s"))
+_TEMPLATE_WORDS = frozenset(w.lower() for group in (ATTRIBUTES, (FILLERS,)) for t in group
+                            for s in t for w in re.findall(r"\w+", s))
+# One-syllable words (consonant, vowel, optional coda) that no template uses: 279 of them.
+WORDS = tuple(w.capitalize() for w in (o + v + c for o in "bdfgklmnprstvz" for v in "aeiou"
+                                       for c in ("", "n", "r", "s"))
+              if w not in _TEMPLATE_WORDS)
+# Share of the phrase space (len(WORDS)**2 two-word phrases) of each split, by a fixed hash.
+_SPLIT_TENTHS = {"train": range(0, 8), "dev": range(8, 9), "test": range(9, 10)}
 
 
-class _Words:
-  """Draws invented two-word phrases ("Ban Torsi"), each phrase unique, no word a template word.
-
-  280 syllables, words of 1-2 of them: a ~1k-piece tokenizer learns the syllables, so a phrase is
-  2-4 tokens. Phrases (names and values) are unique and always followed by a template word or ".",
-  so a value occurs as a whole-word sequence only where it is stated.
-  """
-
-  def __init__(self, rng: np.random.Generator):
-    self.rng = rng
-    self.template_words = {w.lower() for t in ATTRIBUTES + (FILLERS,) for s in t
-                           for w in re.findall(r"\w+", s)}
-    self.used = set()
-
-  def word(self) -> str:
-    while True:
-      n = 1 + int(self.rng.random() < 0.4)
-      w = "".join(_SYLLABLES[i] for i in self.rng.integers(len(_SYLLABLES), size=n))
-      if w not in self.template_words:
-        return w.capitalize()
-
-  def phrase(self) -> str:
-    while True:
-      p = f"{self.word()} {self.word()}"
-      if p not in self.used:
-        self.used.add(p)
-        return p
+def split_phrases(split: str) -> np.ndarray:
+  """Indices of the two-word phrases that `split` may use (disjoint across splits). int64 [N]."""
+  index = np.arange(len(WORDS) ** 2, dtype=np.int64)
+  tenth = (index * 2654435761) % 2**32 % 10  # Knuth's multiplicative hash: splits interleave
+  return index[np.isin(tenth, _SPLIT_TENTHS[split])]
 
 
-def make_entities(words: _Words, n: int) -> list[dict]:
-  """n entities: {'name': 'Dravo Keth', 'capital': 'Somun Vel', ...} (unique invented phrases)."""
-  return [{"name": words.phrase(), **{a: words.phrase() for a, _, _ in ATTRIBUTES}}
-          for _ in range(n)]
+def phrase(index: int) -> str:
+  return f"{WORDS[index // len(WORDS)]} {WORDS[index % len(WORDS)]}"
 
 
-def _fact(entity: dict, attribute: str) -> str:
-  template = next(f for a, _, f in ATTRIBUTES if a == attribute)
-  return template.format(e=entity["name"], v=entity[attribute])
+def _distinct(rng: np.random.Generator, phrases: np.ndarray, n: int) -> list[str]:
+  """n distinct phrases drawn from `phrases` (rejection: collisions are rare)."""
+  while True:
+    chosen = phrases[rng.integers(len(phrases), size=n)].tolist()
+    if len(set(chosen)) == n:
+      return [phrase(i) for i in chosen]
 
 
-def _passage(entity: dict, attribute: str, rng: np.random.Generator, answer_position: str) -> dict:
-  fillers = [FILLERS[i].format(e=entity["name"]) for i in rng.permutation(len(FILLERS))[:2]]
-  fact = _fact(entity, attribute)
-  sentences = fillers + [fact] if answer_position == "late" else [fact] + fillers[:1]
-  return {"title": entity["name"], "text": " ".join(sentences)}
-
-
-def make_example(entities: list[dict], entity_index: int, attribute: str, n_passages: int,
-                 rng: np.random.Generator, answer_position: str = "early",
-                 words: _Words | None = None) -> dict:
-  """One FiD record: the gold passage and distractors, shuffled, with decreasing scores.
-
-  With `words`, every value this record states is drawn afresh (its own world); else the entities'.
-  """
-  entity = entities[entity_index]
-  others = [a for a, _, _ in ATTRIBUTES if a != attribute]
-  # Each distractor shares the entity (p=0.4) or the attribute: with any number of passages,
-  # the gold passage can only be told apart by matching both.
-  n_same_entity = min(int(rng.binomial(n_passages - 1, 0.4)), len(others))
-  n_same_attribute = n_passages - 1 - n_same_entity
-  if n_same_attribute > len(entities) - 1:
-    raise ValueError(f"{len(entities)} entities are too few for {n_passages} passages")
-  passages = [(entity, attribute)]
-  passages += [(entity, others[i]) for i in rng.permutation(len(others))[:n_same_entity]]
-  candidates = rng.choice(len(entities), size=n_same_attribute + 1, replace=False)
-  other_entities = [int(i) for i in candidates if i != entity_index][:n_same_attribute]
-  passages += [(entities[i], attribute) for i in other_entities]
-  if words is not None:  # copies of the entities, with this record's own names and values
-    copies = {}
-    passages = [(copies.setdefault(id(e), dict(e)), a) for e, a in passages]
-    for e in copies.values():
-      e['name'] = words.phrase()
-    for e, a in passages:
-      e[a] = words.phrase()
-    entity = passages[0][0]
-  order = rng.permutation(len(passages))
-  scores = np.sort(rng.uniform(60.0, 90.0, len(passages)))[::-1]
+def make_example(rng: np.random.Generator, phrases: np.ndarray, n_passages: int,
+                 answer_position: str = "early") -> dict:
+  """One FiD record: a grid of r entities x c attributes holding the gold (entity 0, attribute 0),
+  passages in decreasing order of a simulated retrieval score. `phrases`: split_phrases(split)."""
+  # Two or three attributes (at most P // 2: two entities or more), so most distractors share the
+  # question's attribute and only the entity match tells them apart.
+  most = min(MAX_ATTRIBUTES_PER_RECORD, max(1, n_passages // 2))
+  n_attributes = int(rng.integers(min(2, most), most + 1))
+  n_entities = -(-n_passages // n_attributes)
+  attributes = rng.permutation(len(ATTRIBUTES))[:n_attributes].tolist()
+  words = _distinct(rng, phrases, n_entities * (1 + n_attributes))
+  names, values = words[:n_entities], words[n_entities:]
+  cells = n_entities * n_attributes  # cell i: entity i // n_attributes, attribute i % n_attributes
+  # Always kept: the gold cell, one of its entity's other facts (cell 1) and its attribute for
+  # another entity (cell n_attributes), so that every record needs both matches.
+  kept = [0] + [1] * (n_attributes > 1) + [n_attributes] * (n_entities > 1)
+  rest = [i for i in range(cells) if i not in kept]
+  kept += [rest[i] for i in rng.permutation(len(rest))[:n_passages - len(kept)].tolist()]
+  # A retriever's scores: sharing the question's entity or attribute scores higher (as words in
+  # common do for BM25), plus noise, so the gold passage is often but not always ranked first.
+  shares = [(cell < n_attributes) + (cell % n_attributes == 0) for cell in kept]
+  scores = (60.0 + 10.0 * np.asarray(shares) + rng.uniform(0.0, 15.0, n_passages)).round(3)
+  fillers = rng.permutation(len(FILLERS))[:2].tolist() if answer_position == "late" else []
   ctxs = []
-  for rank, i in enumerate(order):
-    e, a = passages[i]
-    ctxs.append({**_passage(e, a, rng, answer_position), "score": round(float(scores[rank]), 3),
-                 "id": f"{e['name']}/{a}"})
-  question = next(q for a, q, _ in ATTRIBUTES if a == attribute).format(e=entity["name"])
-  return {"question": question, "answers": [entity[attribute]], "ctxs": ctxs}
-
-
-def make_split(entities: list[dict], n_examples: int, n_passages: int, rng: np.random.Generator,
-               answer_position: str = "early", words: _Words | None = None) -> list[dict]:
-  """n_examples records over distinct (entity, attribute) pairs of `entities` (fresh values per
-  record when `words` is given)."""
-  pairs = len(entities) * len(ATTRIBUTES)
-  if n_examples > pairs:
-    raise ValueError(f"{n_examples} examples need more than {len(entities)} entities")
-  chosen = rng.permutation(pairs)[:n_examples]
-  return [make_example(entities, int(p) // len(ATTRIBUTES), ATTRIBUTES[int(p) % len(ATTRIBUTES)][0],
-                       n_passages, rng, answer_position, words) for p in chosen]
+  for i in np.argsort(-scores, kind="stable").tolist():
+    cell = kept[i]
+    entity = names[cell // n_attributes]
+    attribute, _, fact = ATTRIBUTES[attributes[cell % n_attributes]]
+    text = fact.format(e=entity, v=values[cell])
+    if fillers:
+      text = " ".join([FILLERS[f].format(e=entity) for f in fillers] + [text])
+    ctxs.append({"title": entity, "text": text, "score": float(scores[i]), "id": f"{entity}/{attribute}"})
+  question = ATTRIBUTES[attributes[0]][1].format(e=names[0])
+  return {"question": question, "answers": [values[0]], "ctxs": ctxs}
 
 
 def corpus_documents(records: list[dict]) -> list[str]:
@@ -163,15 +137,14 @@ def generate(seed: int = 0, n_train: int = 3000, n_dev: int = 300, n_test: int =
   """In-memory data set: {'train', 'dev', 'test': FiD records, 'corpus': documents}."""
   if answer_position not in ANSWER_POSITIONS:
     raise ValueError(f"answer_position must be one of {ANSWER_POSITIONS}, got {answer_position!r}")
+  if n_passages < 1:
+    raise ValueError(f"n_passages must be >= 1, got {n_passages}")
   rng = np.random.default_rng(seed)
-  words = _Words(rng)
-  per_entity = len(ATTRIBUTES) // 2  # questions per entity, on average
   out = {}
-  for split, n in (("train", n_train), ("dev", n_dev), ("test", n_test)):
-    entities = make_entities(words, max(-(-n // per_entity), n_passages))
-    out[split] = make_split(entities, n, n_passages, rng, answer_position, words)
-    if split == "train":  # enough text for the tokenizer and brief pre-training
-      out["corpus"] = corpus_documents(out["train"][:MAX_CORPUS_DOCUMENTS])
+  for split, n in zip(SPLITS, (n_train, n_dev, n_test)):
+    phrases = split_phrases(split)
+    out[split] = [make_example(rng, phrases, n_passages, answer_position) for _ in range(n)]
+  out["corpus"] = corpus_documents(out["train"][:MAX_CORPUS_DOCUMENTS])
   return out
 
 
@@ -194,7 +167,7 @@ def _atomic_write(path: str, lines: list[str]) -> None:
 
 def prepare_synthetic(out_dir: str | os.PathLike, seed: int = 0, *, n_train: int = 3000,
                       n_dev: int = 300, n_test: int = 300, n_passages: int = 10,
-                      answer_position: str = "early", vocab_size: int = 1000) -> SyntheticPaths:
+                      answer_position: str = "early", vocab_size: int = 600) -> SyntheticPaths:
   """Writes train/dev/test.jsonl, corpus.txt, spiece.model and manifest.json into out_dir.
 
   Idempotent: if manifest.json holds the same parameters and every file exists, nothing is written.
@@ -210,12 +183,12 @@ def prepare_synthetic(out_dir: str | os.PathLike, seed: int = 0, *, n_train: int
   if _is_prepared(paths, params):
     return paths
   data = generate(seed, n_train, n_dev, n_test, n_passages, answer_position)
-  for split in ("train", "dev", "test"):
+  for split in SPLITS:
     _atomic_write(getattr(paths, split), [json.dumps(r) for r in data[split]])
   _atomic_write(paths.corpus, data["corpus"])
   tmp_prefix = os.path.join(out_dir, ".tmp-spiece")
   # BPE: sentencepiece's unigram trainer splits even frequent words ("question") into letters on
-  # this corpus of many rare invented names; BPE learns the English words and syllable pieces.
+  # this corpus of many rare invented names; BPE learns the English words and every syllable.
   tokenizer_lib.train_tokenizer(paths.corpus, tmp_prefix, vocab_size, model_type="bpe")
   os.replace(tmp_prefix + ".model", paths.tokenizer)
   os.replace(tmp_prefix + ".vocab", paths.tokenizer[:-len(".model")] + ".vocab")
