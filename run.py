@@ -1,17 +1,24 @@
 """The single entrypoint: `python run.py --config=experiments/FILE.py:ARG --mode=MODE`.
 
-Config fields can be overridden from the command line, e.g. `--config.bench.repeats=10`.
+Config fields can be overridden from the command line, e.g. `--config.bench.repeats=10`;
+`python run.py --help` lists the modes and config files, `--mode=show_config` a config's fields.
+A mistake in the input exits with status 2 and one line on stderr (`fido.cli`).
 """
 
-from absl import app
+import sys
+
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file('config', 'experiments/embedded.py:fido',
+from fido import cli
+from fido.errors import UserError
+
+cli.precheck(sys.argv)  # --help, and --config with its overrides, before absl applies them
+
+_CONFIG = config_flags.DEFINE_config_file('config', cli.DEFAULT_CONFIG,
                                           'Experiment config file[:argument].')
-_MODE = flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'bench', 'analyze', 'sweep', 'convert'],
-                          'What to run.')
+_MODE = flags.DEFINE_enum('mode', 'train', list(cli.MODES), 'What to run.')
 _WORKDIR = flags.DEFINE_string('workdir', 'workdirs/embedded-fido',
                                'train: where checkpoints, metrics and the config go; sweep: the '
                                'results directory (default: config.sweep.workdir).')
@@ -24,11 +31,14 @@ _DEVICE = flags.DEFINE_string('device', 'tpu-v4',
 
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+    raise UserError(f'unexpected arguments {argv[1:]}: flags are --name=value; see python run.py '
+                    '--help')
   if not flags.FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO; -v 0 shows it
   config = _CONFIG.value
-  if _MODE.value == 'train':
+  if _MODE.value == 'show_config':
+    print(config)
+  elif _MODE.value == 'train':
     import json  # pylint: disable=g-import-not-at-top
     from fido import train  # pylint: disable=g-import-not-at-top
     print(json.dumps(train.train(config, _WORKDIR.value, overwrite=_OVERWRITE.value)))
@@ -51,4 +61,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

@@ -16,9 +16,9 @@ for table3, as the paper's "batch 64 or max"), `workdir=PATH`.
 Each sweep below is a function returning its runs: `{name, overrides, paper, group, series, x}`,
 where `overrides` are dotted config keys applied on top of the sweep's base config (`BASES`);
 `get_config` puts the sweep's common settings (workload, batch size) first in every run's overrides;
-`paper` holds the paper's ms/sample where DESIGN.md §5 gives them (TPUv4; `fido.sweep` reports
-ratios to the first row next to ours); `group`/`series`/`x` place a run on a line plot (Figures 4
-and 6). `fido.sweep.run_sweep` runs them.
+`paper` holds the paper's ms/sample where its Table 1 and figures give them (TPUv4; `fido.sweep`
+reports ratios to the first row next to ours); `group`/`series`/`x` place a run on a line plot
+(Figures 4 and 6). `fido.sweep.run_sweep` runs them.
 """
 
 from typing import Any
@@ -156,11 +156,8 @@ PAPER_SETTING = ('TPUv4, 40 passages x 256 tokens, 32 output tokens, greedy; '
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  arg = fido_config.parse_arg(arg, variant='', runlocal=False, train=False, steps=0,
+  arg = fido_config.parse_arg(arg, variants=tuple(SWEEPS), variant='', runlocal=False, train=False, steps=0,
                               mha_steps=0, max_batch=-1, workdir='')
-  if arg.variant not in SWEEPS:
-    raise fido_config.ConfigError(f'unknown sweep {arg.variant!r} in experiments/ablations.py; '
-                                  f'known sweeps: {sorted(SWEEPS)}')
   runs_fn, base, paper_common, local_common, title = SWEEPS[arg.variant]
   # Each run's overrides are these common ones, then its own (the dotted keys stay in plain dicts:
   # ConfigDict refuses dotted field names).

@@ -14,7 +14,8 @@ from fido import config as fido_config
 
 
 def get_config(arg: str | None = None):
-  arg = fido_config.parse_arg(arg, variant='base', bench='paper', light=1, lsa=1, dtype='float32')
+  arg = fido_config.parse_arg(arg, variants=tuple(fido_config.SIZES), variant='base',
+                              bench='paper', light=1, lsa=1, dtype='float32')
   config = fido_config.default_config()
   config.name = f'fid-{arg.variant}'
   config.model = fido_config.model_config(arg.variant, cross_attention_period=arg.lsa,

@@ -21,10 +21,11 @@ ASYMMETRIC = {
     'xl-xxl': ('xl', 'xxl'),
     'tiny': ('tiny', 'mini'),
 }
+VARIANTS = (*ASYMMETRIC, *(s for s in fido_config.SIZES if s not in ASYMMETRIC))
 
 
 def get_config(arg: str | None = None):
-  arg = fido_config.parse_arg(arg, variant='base-xl', bench='paper', lsa=0, mq=True,
+  arg = fido_config.parse_arg(arg, variants=VARIANTS, variant='base-xl', bench='paper', lsa=0, mq=True,
                               dtype='float32')
   encoder, decoder = ASYMMETRIC.get(arg.variant, (arg.variant, arg.variant))
   kv_heads = 1 if arg.mq else None

@@ -59,12 +59,10 @@ def _sizes(model: str) -> tuple[str, str]:
 
 def get_config(arg: str | None = None):
   arg = fido_config.parse_arg(
-      arg, variant='finetune', model='base-xl', lsa=0, kv=1, fraction=0.05,
+      arg, variants=STAGES, variant='finetune', model='base-xl', lsa=0, kv=1, fraction=0.05,
       pretrain_steps=1_000_000, pretrain_batch=2048, pretrain_lr=1e-2, pretrain_warmup=10_000,
       batch=0, steps=0, lr=1e-3, root='workdirs/uptrain', encoder='', decoder='', synthetic=False,
       smoke=False)
-  if arg.variant not in STAGES:
-    raise fido_config.ConfigError(f'unknown stage {arg.variant!r}; expected one of {STAGES}')
   synthetic = arg.synthetic or arg.smoke
   if arg.smoke and arg.model == 'base-xl':
     arg.model = 'micro'

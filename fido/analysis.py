@@ -5,9 +5,9 @@ L' = L // fid_light_k tokens per passage the decoder sees, S = n_s = P * L', T t
 decode cache length M), D width, F d_ff, H heads, K self-attention kv heads, C cross-attention kv
 heads, E d_kv, V vocabulary, Lx layers of a stack, X number of decoder layers with cross-attention.
 
-Paper equations, as DESIGN.md §5 states them (numbered here for reference; they count multiply-adds
-of the dominant terms of a FiD model with MHA and cross-attention in every layer, while our exact
-FLOPs are 2 per multiply-add, as XLA counts them):
+Paper equations, as the paper (§2 and its appendix) states them (numbered here for reference; they
+count multiply-adds of the dominant terms of a FiD model with MHA and cross-attention in every
+layer, while our exact FLOPs are 2 per multiply-add, as XLA counts them):
   (1) FLOPs_enc ~= 12 * n_s * d^2 * L        (n_s here = P * L, every passage token)
   (2) FLOPs_dec ~= 2 * n_s * d^2 * L         (cross-attention key/value projections)
   (3) MHA cross-attention memory / arithmetic ~= 1/b + n_s/d
@@ -51,7 +51,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from fido.config import cross_attention_layers, model_config, shares_embedding
+from fido.config import ConfigError, cross_attention_layers, model_config, shares_embedding
+from fido.errors import did_you_mean
 
 GiB = 2**30
 MEMORY_OVERHEAD = 0.10
@@ -131,7 +132,8 @@ def get_device(device: str | Device) -> Device:
   if device == 'cpu':
     return probe_cpu()
   if device not in DEVICES:
-    raise ValueError(f'unknown device {device!r}; expected one of {sorted(DEVICES)} or "cpu"')
+    raise ConfigError(f'--device={device!r} is unknown; expected one of {sorted(DEVICES)} or "cpu"'
+                      f'{did_you_mean(device, DEVICES)}')
   return DEVICES[device]
 
 

@@ -30,6 +30,7 @@ import numpy as np
 from fido import analysis
 from fido.decoding import greedy_decode_from_encoding
 from fido.model.fid import make_model
+from fido.config import ConfigError
 
 
 def count_params(params) -> int:
@@ -252,7 +253,7 @@ def run_bench(config: ml_collections.ConfigDict) -> list[dict[str, Any]]:
   """
   bench = config.bench
   if bench.reference not in ('', 'hf'):
-    raise ValueError(f'config.bench.reference={bench.reference!r}: expected "" or "hf"')
+    raise ConfigError(f'config.bench.reference={bench.reference!r}: expected "" or "hf"')
   if not bench.reference:
     results = list(bench_model(config))
     for result in results:

@@ -35,6 +35,8 @@ import ml_collections
 import orbax.checkpoint as ocp
 from etils import epath
 from orbax.checkpoint import checkpoint_managers as policies
+from fido.config import ConfigError
+from fido.errors import CheckpointError, UserError
 
 _LOG = logging.getLogger(__name__)
 _TREE_ITEMS = ('params', 'opt_state', 'train')
@@ -42,7 +44,7 @@ _JSON_ITEMS = ('data_iterator', 'config')
 _BYTES_KEY = '__bytes_base64__'
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(UserError, ValueError):
   """The checkpoint cannot fill the requested target (shapes, missing item); not a corruption."""
 
 
@@ -103,9 +105,9 @@ class Checkpointer:
     # orbax needs absolute paths; keep URLs (gs://...) as they are.
     self.directory = epath.Path(directory if '://' in directory else os.path.abspath(directory))
     if read_only and not self.directory.exists():
-      raise FileNotFoundError(f'no checkpoint found under {self.directory} (no such directory)')
+      raise CheckpointError(f'no checkpoint found under {self.directory} (no such directory)')
     if keep_best and not best_metric:
-      raise ValueError('keep_best > 0 needs best_metric (e.g. "dev_exact_match")')
+      raise ConfigError('keep_best > 0 needs best_metric (e.g. "dev_exact_match")')
     self.best_metric = best_metric
     best_fn = (lambda metrics: float(metrics[best_metric])) if best_metric else None
     keep = [policies.LatestN(n=keep_last)]
@@ -190,10 +192,10 @@ class Checkpointer:
     self._manager.reload()
     steps = sorted(self._manager.all_steps(), reverse=True)
     if not steps:
-      raise FileNotFoundError(f'no checkpoint found under {self.directory}')
+      raise CheckpointError(f'no checkpoint found under {self.directory}')
     if step is not None:
       if step not in steps:
-        raise FileNotFoundError(f'no checkpoint for step {step} under {self.directory}; '
+        raise CheckpointError(f'no checkpoint for step {step} under {self.directory}; '
                                 f'available steps: {sorted(steps)}')
       return self._restore_step(step, fields, like)
     errors = []
@@ -206,18 +208,18 @@ class Checkpointer:
         _LOG.warning('checkpoint %s is unreadable (%s: %s); falling back to an older step',
                      self.directory / str(candidate), type(e).__name__, e)
         errors.append(f'step {candidate}: {type(e).__name__}: {e}')
-    raise RuntimeError(f'no restorable checkpoint under {self.directory}:\n' + '\n'.join(errors))
+    raise CheckpointError(f'no restorable checkpoint under {self.directory}:\n' + '\n'.join(errors))
 
   def _restore_step(self, step: int, fields: dict[str, Any], like: Any) -> Restored:
     step_dir = self.directory / str(step)
     step_metadata = self._manager.metadata(step)
     fido_meta = step_metadata.custom_metadata.get('fido')
     if fido_meta is None:
-      raise FileNotFoundError(f'{step_dir} has no step metadata (save was not finalised)')
+      raise CheckpointError(f'{step_dir} has no step metadata (save was not finalised)')
     saved = set(fido_meta['items'])
     missing = [item for item in saved if not (step_dir / item).exists()]
     if missing:
-      raise FileNotFoundError(f'{step_dir} lacks saved items {missing}')
+      raise CheckpointError(f'{step_dir} lacks saved items {missing}')
     if fields.get('opt_state') is not None and 'opt_state' not in saved:
       raise CheckpointMismatchError(
           f'{step_dir} holds no optimizer state (saved with opt_state=None)')

@@ -6,6 +6,7 @@ A model config is an `ml_collections.ConfigDict`:
     size                          name from SIZES ('small', 'base', ..., 'tiny'), or 'custom'
     d_model, d_ff, num_heads, d_kv, num_layers
     num_kv_heads                  self-attention key/value heads: num_heads (MHA), 1 (MQ), between (GQA)
+    position_bias_init_std        std of the normal init of the stack's relative position bias (1.0)
   model.decoder only:
     cross_num_kv_heads            cross-attention key/value heads (FiDO: 1)
     cross_attention_period        K: decoder layer i (1-based) cross-attends iff i % K == 0 (FiD: 1)
@@ -15,9 +16,11 @@ A model config is an `ml_collections.ConfigDict`:
   model.dtype                     compute dtype ('float32' or 'bfloat16'); parameters stay float32
 """
 
-from typing import Any, Mapping, NamedTuple
+from typing import Any, Mapping, NamedTuple, Sequence
 
 import ml_collections
+
+from fido.errors import UserError, did_you_mean
 
 
 class StackSize(NamedTuple):
@@ -44,7 +47,7 @@ T5_VOCAB_SIZE = 32128
 COMPUTE_DTYPES = ('float32', 'bfloat16')
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
   """An impossible configuration; the message names the offending field and value."""
 
 
@@ -56,6 +59,7 @@ def stack_config(size: str, num_kv_heads: int | None = None, **overrides: Any) -
   dims.update(overrides)
   config = ml_collections.ConfigDict(dict(size=size, **dims))
   config.num_kv_heads = config.num_heads if num_kv_heads is None else num_kv_heads
+  config.position_bias_init_std = 1.0
   return config
 
 
@@ -107,6 +111,9 @@ def _validate_stack(stack: ml_collections.ConfigDict, name: str) -> None:
   for field in ('d_model', 'd_ff', 'num_heads', 'd_kv', 'num_layers', 'num_kv_heads'):
     value = stack[field]
     _check(isinstance(value, int) and value >= 1, f'{name}.{field}', value, 'must be an integer >= 1')
+  init_std = stack.get('position_bias_init_std', 1.0)
+  _check(isinstance(init_std, (int, float)) and init_std > 0, f'{name}.position_bias_init_std',
+         init_std, 'must be a number > 0')
   _check(stack.num_heads % stack.num_kv_heads == 0, f'{name}.num_kv_heads', stack.num_kv_heads,
          f'{name}.num_heads={stack.num_heads} must be divisible by it (MHA = num_heads, MQ = 1)')
   if stack.size in SIZES:
@@ -150,25 +157,34 @@ def shares_embedding(config: ml_collections.ConfigDict) -> bool:
   return config.encoder.d_model == config.decoder.d_model
 
 
-def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
+def parse_arg(arg: str | None, variants: Sequence[str] = (), **defaults: Any
+              ) -> ml_collections.ConfigDict:
   """Parses a config-file argument 'variant,key=value,flag' (big_vision style).
 
-  The first bare word is the variant; `key=value` pairs override `defaults` (values parsed as
-  Python literals when possible); a bare `flag` after the variant sets it to True.
+  The first bare word is the variant (one of `variants`, when given); `key=value` pairs override
+  `defaults` (values parsed as Python literals when possible); a bare `flag` after the variant sets
+  it to True.
   """
   parsed = dict(defaults)
+  arguments = sorted(k for k in defaults if k != 'variant')
   for i, part in enumerate(p.strip() for p in (arg or '').split(',') if p.strip()):
-    if '=' in part:
-      key, value = part.split('=', 1)
-      if key not in defaults:
-        raise ConfigError(f'unknown config argument {key!r} in {arg!r}; known: {sorted(defaults)}')
-      parsed[key] = _parse_value(value, defaults[key])
-    elif i == 0 and 'variant' in defaults:
+    key, has_value, value = part.partition('=')
+    if has_value and key in arguments:
+      try:
+        parsed[key] = _parse_value(value, defaults[key])
+      except ValueError as e:
+        raise ConfigError(f'config argument {key}={value!r}: {e}') from None
+    elif i == 0 and not has_value and 'variant' in defaults:
       parsed['variant'] = part
-    elif part in defaults:
+    elif not has_value and part in arguments:
       parsed[part] = True
     else:
-      raise ConfigError(f'unknown config argument {part!r} in {arg!r}; known: {sorted(defaults)}')
+      raise ConfigError(f'unknown config argument {key!r} in {arg!r}{did_you_mean(key, arguments)}; '
+                        f'known: {", ".join(arguments)}')
+  if variants and parsed.get('variant') not in variants:
+    raise ConfigError(f'unknown variant {parsed.get("variant")!r}'
+                      f'{did_you_mean(str(parsed.get("variant")), variants)}; expected one of '
+                      f'{", ".join(variants)}')
   return ml_collections.ConfigDict(parsed)
 
 
@@ -178,7 +194,10 @@ def _parse_value(value: str, default: Any) -> Any:
       raise ConfigError(f'expected a boolean, got {value!r}')
     return value.lower() in ('true', '1')
   if isinstance(default, (int, float)):
-    return type(default)(value)
+    try:
+      return type(default)(value)
+    except ValueError:
+      raise ConfigError(f'expected {type(default).__name__}, got {value!r}') from None
   return value
 
 
@@ -223,15 +242,20 @@ def default_config() -> ml_collections.ConfigDict:
 
 def load_config_file(spec: str) -> ml_collections.ConfigDict:
   """Loads 'path/to/file.py[:arg]' by calling its get_config(arg), as `--config` does."""
+  import glob  # pylint: disable=g-import-not-at-top
   import importlib.util  # pylint: disable=g-import-not-at-top
   import os  # pylint: disable=g-import-not-at-top
   path, _, arg = spec.partition(':')
   if not os.path.isfile(path):
-    raise ConfigError(f'config file {path!r} does not exist')
+    siblings = glob.glob(os.path.join(os.path.dirname(path), '*.py'))
+    raise ConfigError(f'config file {path!r} does not exist{did_you_mean(path, siblings)}')
   module_spec = importlib.util.spec_from_file_location(
       f'fido_experiment_{os.path.splitext(os.path.basename(path))[0]}', path)
   module = importlib.util.module_from_spec(module_spec)
   module_spec.loader.exec_module(module)
   if not hasattr(module, 'get_config'):
     raise ConfigError(f'config file {path!r} has no get_config(arg) function')
-  return module.get_config(arg or None)
+  try:
+    return module.get_config(arg or None)
+  except ConfigError as e:
+    raise ConfigError(f'--config={spec}: {e}') from e

@@ -25,6 +25,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from fido.config import SIZES, StackSize, cross_attention_layers, model_config, validate_model_config
+from fido.errors import CheckpointError, UserError
 
 CONFIG_FILE, WEIGHTS_FILE, INDEX_FILE = 'config.json', 'model.safetensors', 'model.safetensors.index.json'
 # Tensors HF itself ignores or ties to `shared.weight`; accepted only as exact copies of it (or ignored).
@@ -32,7 +33,7 @@ _IGNORED = frozenset({'decoder.block.0.layer.1.EncDecAttention.relative_attentio
 _TIED_INPUTS = ('encoder.embed_tokens.weight', 'decoder.embed_tokens.weight')
 
 
-class ConversionError(ValueError):
+class ConversionError(UserError, ValueError):
   """A checkpoint that cannot be converted; the message names the file, tensor or config field."""
 
 
@@ -68,7 +69,7 @@ _NP_DTYPES = {'F64': 'f8', 'F32': 'f4', 'F16': 'f2', 'I64': 'i8', 'I32': 'i4', '
 def _read_safetensors(path: pathlib.Path) -> dict[str, np.ndarray]:
   """All tensors of one file, in their stored dtype (bfloat16 via ml_dtypes; numpy has none)."""
   if not path.is_file():
-    raise FileNotFoundError(f'missing checkpoint shard {path}')
+    raise CheckpointError(f'missing checkpoint shard {path}')
   with safe_open(str(path), framework='np') as f:
     names = list(f.keys())
     if all(f.get_slice(n).get_dtype() != 'BF16' for n in names):
@@ -83,9 +84,9 @@ def load_hf_t5(checkpoint_dir) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
   """Reads a `save_pretrained` T5.1.1 directory: (config.json as a dict, tensors by HF name)."""
   root = pathlib.Path(checkpoint_dir)
   if not root.is_dir():
-    raise FileNotFoundError(f'checkpoint directory {root} does not exist')
+    raise CheckpointError(f'checkpoint directory {root} does not exist')
   if not (root / CONFIG_FILE).is_file():
-    raise FileNotFoundError(f'no {CONFIG_FILE} in {root}')
+    raise CheckpointError(f'no {CONFIG_FILE} in {root}')
   hf_config = json.loads((root / CONFIG_FILE).read_text())
   check_hf_architecture(hf_config, source=str(root / CONFIG_FILE))
   if (root / WEIGHTS_FILE).is_file():
@@ -93,7 +94,7 @@ def load_hf_t5(checkpoint_dir) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
   if not (root / INDEX_FILE).is_file():
     others = sorted(p.name for p in root.glob('*.bin')) + sorted(p.name for p in root.glob('*.h5'))
     hint = f' (found {", ".join(others)}: re-save it with safe_serialization=True)' if others else ''
-    raise FileNotFoundError(f'no {WEIGHTS_FILE} or {INDEX_FILE} in {root}{hint}')
+    raise CheckpointError(f'no {WEIGHTS_FILE} or {INDEX_FILE} in {root}{hint}')
   weight_map = json.loads((root / INDEX_FILE).read_text()).get('weight_map', {})
   tensors = {}
   for shard in sorted(set(weight_map.values())):
@@ -111,6 +112,7 @@ def _stack(size: StackSize) -> ml_collections.ConfigDict:
   name = next((n for n, s in SIZES.items() if s == size), 'custom')
   stack = ml_collections.ConfigDict(dict(size=name, **size._asdict()))
   stack.num_kv_heads = size.num_heads
+  stack.position_bias_init_std = 1.0  # unused: the checkpoint's trained bias is loaded
   return stack
 
 

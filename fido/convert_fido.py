@@ -49,9 +49,10 @@ import ml_collections
 import numpy as np
 
 from fido import checkpoint as checkpoint_lib
-from fido.config import StackSize, cross_attention_layers, validate_model_config
+from fido.config import ConfigError, StackSize, cross_attention_layers, validate_model_config
 from fido.convert import (_IGNORED, _TIED_INPUTS, ConversionError, TensorSpec, fid_config_from_hf,
                           hf_to_params, load_hf_t5, tensor_map)
+from fido.errors import MissingInputError, OutputExistsError
 from fido.model.fid import make_model
 
 _LOG = logging.getLogger(__name__)
@@ -430,7 +431,7 @@ def write_fido_checkpoint(params, model_config: ml_collections.ConfigDict, out_d
   ckpt_dir = out / 'checkpoints'
   if ckpt_dir.exists() and any(ckpt_dir.iterdir()):
     if not overwrite:
-      raise FileExistsError(f'{ckpt_dir} already holds a checkpoint; choose another out_dir or '
+      raise OutputExistsError(f'{ckpt_dir} already holds a checkpoint; choose another out_dir or '
                             'set config.convert.overwrite=True')
     shutil.rmtree(ckpt_dir)
   saved = ml_collections.ConfigDict((config or experiment_defaults()).to_dict())
@@ -448,11 +449,11 @@ def write_fido_checkpoint(params, model_config: ml_collections.ConfigDict, out_d
 def run_convert(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """`run.py --mode=convert`: converts config.convert's checkpoint(s) to config.model; a summary."""
   if 'convert' not in config:
-    raise ValueError('the config has no convert section (fido.convert_fido.default_config()); use '
+    raise ConfigError('the config has no convert section (fido.convert_fido.default_config()); use '
                      'e.g. --config=experiments/uptrain.py:convert')
   c = config.convert
   if not c.encoder_checkpoint or not c.out_dir:
-    raise ValueError('set config.convert.encoder_checkpoint (an HF T5.1.1 directory) and '
+    raise ConfigError('set config.convert.encoder_checkpoint (an HF T5.1.1 directory) and '
                      'config.convert.out_dir')
   model = config.model
   ids = mask = None
@@ -463,7 +464,7 @@ def run_convert(config: ml_collections.ConfigDict) -> dict[str, Any]:
       from fido.data.tokenizer import load_tokenizer  # pylint: disable=g-import-not-at-top
       data = resolve_data(config.data)
       if not data.corpus or not os.path.isfile(data.corpus):
-        raise FileNotFoundError(f'config.data.corpus={data.corpus!r}: the aligned cross K/V init '
+        raise MissingInputError(f'config.data.corpus={data.corpus!r}: the aligned cross K/V init '
                                 "needs a text corpus, or set config.convert.alignment.source='random'")
       tokenizer = load_tokenizer(data.tokenizer, model.vocab_size)
       with open(data.corpus, encoding='utf-8') as f:
@@ -472,7 +473,7 @@ def run_convert(config: ml_collections.ConfigDict) -> dict[str, Any]:
     elif a.source == 'random':
       ids, mask = random_alignment_ids(model.vocab_size, a.num_sequences, a.length, c.seed)
     else:
-      raise ValueError(f"config.convert.alignment.source={a.source!r}; expected 'corpus' or 'random'")
+      raise ConfigError(f"config.convert.alignment.source={a.source!r}; expected 'corpus' or 'random'")
   params, report = convert_to_fido(
       c.encoder_checkpoint, c.decoder_checkpoint or None, model,
       shared_embedding=c.shared_embedding, cross_kv_init=c.cross_kv_init, alignment_ids=ids,

@@ -43,11 +43,13 @@ from fido import metrics as metrics_lib
 from fido.checkpoint import Checkpointer
 from fido.config import ConfigError
 from fido.data.errors import DataError
+from fido.data.features import check_records_fit
 from fido.data.fid_format import read_fid_file
 from fido.data.pipeline import qa_eval_loader
 from fido.data.sources import resolve_data
 from fido.data.tokenizer import Tokenizer, load_tokenizer
 from fido.decoding import DecodeOutput, make_decode_fn
+from fido.errors import CheckpointError
 from fido.model.fid import FiDFunctions, init_params, make_model
 
 _LOG = logging.getLogger(__name__)
@@ -319,8 +321,10 @@ class _CheckpointEvaluator:
                    data.get('tokenizer'), saved_data.get('tokenizer'))
     self.tokenizer = load_tokenizer(data['tokenizer'], model_vocab_size=model_config.vocab_size)
     self.split = _split_path(data, self.split)
-    records, _ = read_fid_file(self.split, require_answers=False, n_passages=data['n_passages'])
+    records, _ = read_fid_file(self.split, require_answers=False, n_passages=data['n_passages'],
+                               on_error=data.get('on_error', 'raise'))
     check_has_answers(records, self.split)
+    check_records_fit(self.tokenizer, records, data['n_passages'], data['passage_len'])
     if self.eval.max_examples:
       records = records[:self.eval.max_examples]
     self.records = records
@@ -332,7 +336,7 @@ class _CheckpointEvaluator:
   def evaluate(self, step: int | None) -> dict[str, Any]:
     directory = resolve_checkpoint_dir(self.path)
     if not _list_steps(self.path):
-      raise FileNotFoundError(f'no checkpoint found under {self.path}')
+      raise CheckpointError(f'no checkpoint found under {self.path}')
     ckpt = Checkpointer(directory, read_only=True)
     try:
       # Only the JSON items (config): fixes the step and tells which model to build.

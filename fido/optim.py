@@ -39,6 +39,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
+from fido.config import ConfigError
 
 OPTIMIZERS = ('fido_adafactor', 'adafactor', 'adamw')
 SCHEDULES = ('constant', 'rsqrt')
@@ -83,14 +84,14 @@ def make_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
     return optax.constant_schedule(config.learning_rate)
   if config.schedule == 'rsqrt':
     if config.warmup_steps < 1:
-      raise ValueError(f'config.optimizer.warmup_steps={config.warmup_steps} must be >= 1 for rsqrt')
+      raise ConfigError(f'config.optimizer.warmup_steps={config.warmup_steps} must be >= 1 for rsqrt')
     peak, warmup = config.learning_rate, float(config.warmup_steps)
 
     def rsqrt(count):
       return peak * jnp.sqrt(warmup / jnp.maximum(jnp.asarray(count, jnp.float32), warmup))
 
     return rsqrt
-  raise ValueError(f'config.optimizer.schedule={config.schedule!r}; expected one of {SCHEDULES}')
+  raise ConfigError(f'config.optimizer.schedule={config.schedule!r}; expected one of {SCHEDULES}')
 
 
 def adam_like_decay(count: jax.Array, beta2: float) -> jax.Array:
@@ -144,7 +145,7 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
         factored=True, decay_rate=config.decay_exponent, epsilon=config.epsilon1,
         min_dim_size_to_factor=config.min_dim_size_to_factor)
   else:
-    raise ValueError(f'config.optimizer.name={config.name!r}; expected one of {OPTIMIZERS}')
+    raise ConfigError(f'config.optimizer.name={config.name!r}; expected one of {OPTIMIZERS}')
   tx = [second_moments]
   if config.clipping_threshold is not None:
     tx.append(optax.clip_by_block_rms(config.clipping_threshold))

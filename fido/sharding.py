@@ -39,6 +39,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from fido.model.fid import FiDFunctions
 from fido.train_step import Batch, TrainState, init_train_state
+from fido.config import ConfigError
 
 _LOG = logging.getLogger(__name__)
 DATA, MODEL = 'data', 'model'
@@ -88,15 +89,15 @@ def mesh_shape(shape: MeshShape, num_devices: int) -> tuple[int, int]:
     data, model = tuple(shape)
   valid_data = isinstance(data, int) and (data >= 1 or data == -1)
   if not (isinstance(model, int) and model >= 1) or not valid_data:
-    raise ValueError(f'mesh shape (data={data}, model={model}) is invalid: model must be >= 1 and '
+    raise ConfigError(f'mesh shape (data={data}, model={model}) is invalid: model must be >= 1 and '
                      'data >= 1 or -1 (all remaining devices)')
   if data == -1:
     if num_devices % model:
-      raise ValueError(f'mesh shape (data=-1, model={model}) does not fit {num_devices} devices: '
+      raise ConfigError(f'mesh shape (data=-1, model={model}) does not fit {num_devices} devices: '
                        f'{num_devices} is not divisible by model={model}')
     data = num_devices // model
   if data * model != num_devices:
-    raise ValueError(f'mesh shape (data={data}, model={model}) needs {data * model} devices but '
+    raise ConfigError(f'mesh shape (data={data}, model={model}) needs {data * model} devices but '
                      f'{num_devices} are available; use data=-1 or pass devices=')
   return data, model
 
@@ -133,7 +134,7 @@ def spec_for(path: str, shape: Sequence[int], rules: Rules) -> P:
   matched = [regex for regex, _ in rules if re.search(regex, path)]
   detail = (f'rules {matched} match its path but none has rank {len(shape)}' if matched
             else 'no rule matches its path')
-  raise ValueError(f'no sharding rule for parameter {path} with shape {tuple(shape)}: {detail}. '
+  raise ConfigError(f'no sharding rule for parameter {path} with shape {tuple(shape)}: {detail}. '
                    'Add a (regex, PartitionSpec) rule; unmatched parameters are never replicated '
                    'silently.')
 
@@ -162,7 +163,7 @@ def param_specs(params: Any, axis_sizes: Mapping[str, int], rules: Rules = RULES
   if indivisible:
     message = ('parameter dimensions not divisible by their mesh axes: ' + '; '.join(indivisible))
     if strict:
-      raise ValueError(message + ' (strict sharding)')
+      raise ConfigError(message + ' (strict sharding)')
     _LOG.warning('%s; replicating those dimensions', message)
   return specs
 
@@ -225,7 +226,7 @@ def check_batch_size(batch_size: int, mesh: Mesh, gradient_accumulation_steps: i
   if batch_size % gradient_accumulation_steps or micro % data:
     accum = (f' / gradient_accumulation_steps={gradient_accumulation_steps} = {micro}'
              if gradient_accumulation_steps > 1 else '')
-    raise ValueError(f'batch size {batch_size}{accum} is not divisible by the mesh data axis '
+    raise ConfigError(f'batch size {batch_size}{accum} is not divisible by the mesh data axis '
                      f'size {data} (mesh {dict(mesh.shape)})')
 
 
@@ -237,7 +238,7 @@ def make_global_batch(local_batch: Batch, mesh: Mesh) -> dict[str, jax.Array]:
   sharding = batch_sharding(mesh)
   sizes = {k: np.shape(v)[0] for k, v in local_batch.items()}
   if len(set(sizes.values())) != 1:
-    raise ValueError(f'batch arrays disagree on the batch size: {sizes}')
+    raise ConfigError(f'batch arrays disagree on the batch size: {sizes}')
   check_batch_size(next(iter(sizes.values())) * jax.process_count(), mesh)
   return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
           for k, v in local_batch.items()}

@@ -4,10 +4,11 @@
   name, title          the sweep and its heading
   base                 a config spec 'path/to/file.py[:arg]' (`fido.config.load_config_file`)
   runs                 [{name, overrides: {dotted.key: value}, paper: {total_ms, decoder_ms},
-                         group, series, x, init_from, convert_from}]; overrides must name existing
-                       fields. `init_from`: the name of an earlier run whose final checkpoint (of
-                       the same seed) this run starts from through `config.init` (same model; its
-                       second moments carried over unless the overrides switch that off).
+                         group, series, x, base, init_from, convert_from}]. `base`: the run's own
+                       config spec (default: the sweep's); overrides must name its fields.
+                       `init_from`: the name of an earlier run whose final checkpoint (of the same
+                       seed) this run starts from through `config.init` (same model; its second
+                       moments carried over unless the overrides switch that off).
                        `convert_from`: the name of an earlier run, a FiD (cross-attention in every
                        layer, multi-head, one width), whose final parameters are exported to
                        Hugging Face T5 format and converted to this run's model
@@ -83,8 +84,9 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Mapping[str, A
 
 def run_config(sweep: ml_collections.ConfigDict, run: Mapping[str, Any], *, train: bool = False
                ) -> ml_collections.ConfigDict:
-  """The run's config: the base spec (+ the train base's sections when training) + its overrides."""
-  config = load_config_file(sweep.base)
+  """The run's config: its base spec (the run's `base`, else the sweep's; + the train base's
+  sections when training) + its overrides."""
+  config = load_config_file(run.get('base') or sweep.base)
   if train and sweep.get('train_base'):
     train_base = load_config_file(sweep.train_base)
     for section in sweep.train_sections:

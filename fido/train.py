@@ -41,10 +41,13 @@ from fido import evaluate
 from fido import optim
 from fido import sharding
 from fido import train_step as train_step_lib
+from fido.config import ConfigError
 from fido.convert_fido import pool_kv_heads
-from fido.data import fid_format, pipeline
+from fido.data import features, fid_format, pipeline
+from fido.data.errors import DataError
 from fido.data.sources import resolve_data
 from fido.data.tokenizer import Tokenizer, load_tokenizer
+from fido.errors import MissingInputError, WorkdirError
 from fido.model.fid import make_model
 
 _LOG = logging.getLogger(__name__)
@@ -77,16 +80,16 @@ def validate_curriculum(config: ml_collections.ConfigDict) -> None:
   cur = config.data.curriculum
   n_passages, steps = tuple(cur.n_passages), tuple(cur.steps)
   if len(n_passages) != len(steps):
-    raise ValueError(f'config.data.curriculum: n_passages={n_passages} and steps={steps} must '
+    raise ConfigError(f'config.data.curriculum: n_passages={n_passages} and steps={steps} must '
                      'have one entry per stage')
   if not steps:
     return
   if config.train.task != 'finetune':
-    raise ValueError(f'config.data.curriculum is for fine-tuning; config.train.task='
+    raise ConfigError(f'config.data.curriculum is for fine-tuning; config.train.task='
                      f'{config.train.task!r}')
   for field, values in (('n_passages', n_passages), ('steps', steps)):
     if any(not isinstance(v, int) or v < 1 for v in values):
-      raise ValueError(f'config.data.curriculum.{field}={values}: every entry must be an int >= 1')
+      raise ConfigError(f'config.data.curriculum.{field}={values}: every entry must be an int >= 1')
   if sum(steps) >= config.train.steps:
     _LOG.warning('config.data.curriculum.steps=%s add up to %d >= config.train.steps=%d: this '
                  'run ends before training on config.data.n_passages=%d passages', steps,
@@ -148,18 +151,42 @@ class StageProgress:
     self.bar.close()
 
 
-def read_train_data(config: ml_collections.ConfigDict) -> list:
-  """Fine-tuning: the normalized FiD records; pre-training: the corpus documents."""
+def read_fid_records(config: ml_collections.ConfigDict, split: str, limit: int = 0,
+                     reports: dict[str, Any] | None = None) -> list[dict]:
+  """The normalized records of `config.data[split]` (the first `limit`; all when 0).
+
+  Bad records raise DataError, or with `config.data.on_error='skip'` are counted by reason: the
+  count is logged and, when `reports` is given, stored there under the split's name.
+  """
+  path = config.data[split]
+  records, report = fid_format.read_fid_file(path, n_passages=config.data.n_passages,
+                                             on_error=config.data.get('on_error', 'raise'))
+  _LOG.info('%s data: %s', split, report.summary())
+  if reports is not None:
+    reports[split] = dict(path=path, read=report.read, kept=report.kept,
+                          skipped=dict(report.skipped), warnings=dict(report.warnings))
+  return records[:limit] if limit else records
+
+
+def read_train_data(config: ml_collections.ConfigDict,
+                    reports: dict[str, Any] | None = None) -> list:
+  """Fine-tuning: the normalized FiD records; pre-training: the corpus documents.
+
+  Raises DataError when there are fewer than one batch (config.train.batch_size) of them.
+  """
   data = config.data
   if config.train.task == 'finetune':
-    records, report = fid_format.read_fid_file(data.train, n_passages=data.n_passages)
-    _LOG.info('train data %s: %s', data.train, report.summary())
-    return records
-  if not data.corpus or not os.path.isfile(data.corpus):
-    raise FileNotFoundError(f'config.data.corpus={data.corpus!r}: pre-training needs a text corpus '
-                            '(one document per line)')
-  with open(data.corpus, encoding='utf-8') as f:
-    return [line.strip() for line in f if line.strip()]
+    records, source = read_fid_records(config, 'train', reports=reports), data.train
+  else:
+    if not data.corpus or not os.path.isfile(data.corpus):
+      raise MissingInputError(f'config.data.corpus={data.corpus!r}: pre-training needs a text '
+                              'corpus (one document per line)')
+    with open(data.corpus, encoding='utf-8') as f:
+      records, source = [line.strip() for line in f if line.strip()], data.corpus
+  if len(records) < config.train.batch_size:
+    raise DataError(f'{source}: {len(records)} usable records cannot fill one batch of '
+                    f'config.train.batch_size={config.train.batch_size}')
+  return records
 
 
 def make_train_loader(config: ml_collections.ConfigDict, tokenizer: Tokenizer, examples: list,
@@ -275,7 +302,7 @@ def prepare_workdir(config: ml_collections.ConfigDict, workdir: str, overwrite: 
     if previous != _comparable(config):
       changed = sorted(k for k in set(previous) | set(_comparable(config))
                        if previous.get(k) != _comparable(config).get(k))
-      raise ValueError(f'workdir {workdir!r} holds a different run (config sections differ: '
+      raise WorkdirError(f'workdir {workdir!r} holds a different run (config sections differ: '
                        f'{changed}); use another --workdir or pass --overwrite to replace it')
   os.makedirs(workdir, exist_ok=True)
   with open(path, 'w') as f:
@@ -290,6 +317,17 @@ class MetricsWriter:
     if jax.process_index() == 0:
       with open(self.path, 'a') as f:
         f.write(json.dumps(record, default=float) + '\n')
+
+  def find(self, step: int, event: str) -> dict[str, Any] | None:
+    """The fields (less step and event) of the last record of `event` at `step`, if any."""
+    found = None
+    if os.path.exists(self.path):
+      with open(self.path) as f:
+        for line in f:
+          record = json.loads(line)
+          if record.get('step') == step and record.get('event') == event:
+            found = {k: v for k, v in record.items() if k not in ('step', 'event')}
+    return found
 
 
 class DivergenceMonitor:
@@ -349,14 +387,15 @@ def init_from_pretrained(config: ml_collections.ConfigDict, state: train_step_li
   state = state._replace(params=restored.state['params'])
   if config.init.carry_second_moments:
     if restored.config is None or 'optimizer' not in restored.config:
-      raise ValueError(f'{directory}: step {restored.step} has no saved optimizer config, so its '
-                       'optimizer state cannot be read; set config.init.carry_second_moments=False')
+      raise checkpoint_lib.CheckpointMismatchError(
+          f'{directory}: step {restored.step} has no saved optimizer config, so its optimizer '
+          'state cannot be read; set config.init.carry_second_moments=False')
     pre_optimizer = optim.make_optimizer(restored.config.optimizer)
     abstract_opt = jax.eval_shape(pre_optimizer.init, state.params)
     try:
       _, pre_opt_state = source.restore_optimizer_state(abstract_opt, restored.step)
     except checkpoint_lib.CheckpointMismatchError as e:
-      raise ValueError(f'{directory}: cannot carry second moments over: {e}') from e
+      raise checkpoint_lib.CheckpointMismatchError(f'{directory}: cannot carry second moments over: {e}') from e
     opt_state = optim.carry_over_second_moments(pre_opt_state, state.opt_state)
     state = state._replace(opt_state=jax.device_put(opt_state, jax.tree.map(
         lambda x: x.sharding, state.opt_state)))
@@ -385,7 +424,7 @@ def multi_head_twin(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
 def validate_mha_steps(config: ml_collections.ConfigDict) -> None:
   mha_steps, steps = config.train.mha_steps, config.train.steps
   if not isinstance(mha_steps, int) or not 0 <= mha_steps < steps:
-    raise ValueError(f'config.train.mha_steps={mha_steps!r} must be an int in [0, '
+    raise ConfigError(f'config.train.mha_steps={mha_steps!r} must be an int in [0, '
                      f'config.train.steps={steps}): the steps trained with multi-head attention '
                      'before uptraining into config.model (0 = off)')
 
@@ -439,25 +478,20 @@ def dev_eval(config, model, params, tokenizer, records) -> dict[str, float]:
   return metrics
 
 
-def _read_records(path: str, limit: int = 0) -> list[dict]:
-  records, _ = fid_format.read_fid_file(path)
-  return records[:limit] if limit else records
-
-
 def train(config: ml_collections.ConfigDict, workdir: str, *, overwrite: bool = False
           ) -> dict[str, Any]:
   """Trains `config` in `workdir` (resuming if it holds a checkpoint); returns the final metrics."""
   start_time = time.perf_counter()
   sharding.maybe_initialize_distributed(config.sharding.distributed)
   if config.train.task not in TASKS:
-    raise ValueError(f'config.train.task={config.train.task!r}; expected one of {TASKS}')
+    raise ConfigError(f'config.train.task={config.train.task!r}; expected one of {TASKS}')
   train_step_lib.validate_train_config(config.train)
   prepare_workdir(config, workdir, overwrite)
   requested, config = config, ml_collections.ConfigDict(config.to_dict())
   config.data = resolve_data(config.data)
   tokenizer = load_tokenizer(config.data.tokenizer)
   if tokenizer.vocab_size > config.model.vocab_size:
-    raise ValueError(f'the tokenizer {config.data.tokenizer} needs vocab_size '
+    raise ConfigError(f'the tokenizer {config.data.tokenizer} needs vocab_size '
                      f'{tokenizer.vocab_size} > config.model.vocab_size={config.model.vocab_size}')
   model = make_model(config.model)
   optimizer = optim.make_optimizer(config.optimizer)
@@ -467,12 +501,22 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, overwrite: bool = 
   validate_curriculum(config)
   validate_mha_steps(config)
   uptraining = uptrains(config)
-  stream = DataStream(config, tokenizer, read_train_data(config))
+  reports = {}
+  stream = DataStream(config, tokenizer, read_train_data(config, reports))
+  finetune = config.train.task == 'finetune'
+  dev_records = (read_fid_records(config, 'dev', config.train.eval_examples, reports)
+                 if finetune and config.train.eval_every else [])
+  final_split = config.train.final_eval_split if finetune else ''
+  final_records = read_fid_records(config, final_split, reports=reports) if final_split else []
+  for records in (dev_records, final_records):
+    features.check_records_fit(tokenizer, records, config.data.n_passages, config.data.passage_len)
+  if reports and jax.process_index() == 0:
+    with open(os.path.join(workdir, 'data_report.json'), 'w') as f:
+      json.dump(reports, f, indent=1)
   example = _host_batch(next(iter(make_train_loader(config, tokenizer, stream.examples))))
   state, state_shardings = sharding.init_sharded_train_state(
       model, optimizer, jax.random.PRNGKey(config.train.seed), example, mesh,
       strict=config.sharding.strict)
-  finetune = config.train.task == 'finetune'
   keep_best = config.train.keep_best if finetune and config.train.eval_every else 0
   ckpt = checkpoint_lib.Checkpointer(
       os.path.join(workdir, 'checkpoints'), keep_last=config.train.keep_checkpoints,
@@ -495,10 +539,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, overwrite: bool = 
   writer = MetricsWriter(workdir)
   divergence = config.train.divergence
   monitor = DivergenceMonitor(divergence.spike_factor, divergence.window, divergence.patience)
-  dev_records = (_read_records(config.data.dev, config.train.eval_examples)
-                 if finetune and config.train.eval_every else [])
   rollbacks, poisoned = 0, False
-  step = int(state.step)
+  step = first_step = int(state.step)
   total = config.train.steps
   examples_per_step = config.train.batch_size
   bar = StageProgress(config, step)
@@ -566,16 +608,19 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, overwrite: bool = 
   stream.close()
   ckpt.wait()
   ckpt.close()
-  result = dict(workdir=workdir, step=step, task=config.train.task, rollbacks=rollbacks,
-                train_seconds=round(time.perf_counter() - start_time, 1))
+  result = dict(workdir=workdir, step=step, task=config.train.task, rollbacks=rollbacks)
+  if step > first_step:
+    result['train_seconds'] = round(time.perf_counter() - start_time, 1)
+  else:
+    result['already_trained'] = True  # a finished run, run again: nothing was trained
   if uptraining:
     result['mha_steps'] = config.train.mha_steps
-  if finetune and config.train.final_eval_split:
-    split = config.train.final_eval_split
-    eval_start = time.perf_counter()
-    test_metrics = dev_eval(config, model, state.params, tokenizer,
-                            _read_records(config.data[split]))
-    result.update({f'{split}_{k}': v for k, v in test_metrics.items()})
-    result[f'{split}_seconds'] = round(time.perf_counter() - eval_start, 1)
-    writer.write(step=step, event=f'{split}_eval', **test_metrics)
+  if final_split:
+    test_metrics = writer.find(step=step, event=f'{final_split}_eval')
+    if test_metrics is None:
+      eval_start = time.perf_counter()
+      test_metrics = dev_eval(config, model, state.params, tokenizer, final_records)
+      writer.write(step=step, event=f'{final_split}_eval', **test_metrics)
+      result[f'{final_split}_seconds'] = round(time.perf_counter() - eval_start, 1)
+    result.update({f'{final_split}_{k}': v for k, v in test_metrics.items()})
   return result

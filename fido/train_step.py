@@ -38,6 +38,7 @@ from fido import optim
 from fido.model.decoder import DecoderLayer
 from fido.model.encoder import EncoderLayer
 from fido.model.fid import FiDFunctions, shift_right
+from fido.config import ConfigError
 
 Batch = Mapping[str, Any]
 REMAT = ('none', 'layer', 'layer_dots')
@@ -65,14 +66,14 @@ def default_config() -> ml_collections.ConfigDict:
 def validate_train_config(config: ml_collections.ConfigDict) -> None:
   accum = config.gradient_accumulation_steps
   if not isinstance(accum, int) or accum < 1:
-    raise ValueError(f'config.train.gradient_accumulation_steps={accum!r} must be an integer >= 1')
+    raise ConfigError(f'config.train.gradient_accumulation_steps={accum!r} must be an integer >= 1')
   if config.batch_size % accum:
-    raise ValueError(f'config.train.batch_size={config.batch_size} is not divisible by '
+    raise ConfigError(f'config.train.batch_size={config.batch_size} is not divisible by '
                      f'gradient_accumulation_steps={accum}')
   if config.remat not in REMAT:
-    raise ValueError(f'config.train.remat={config.remat!r}; expected one of {REMAT}')
+    raise ConfigError(f'config.train.remat={config.remat!r}; expected one of {REMAT}')
   if config.z_loss < 0:
-    raise ValueError(f'config.train.z_loss={config.z_loss!r} must be >= 0')
+    raise ConfigError(f'config.train.z_loss={config.z_loss!r} must be >= 0')
 
 
 # ----------------------------------------------------------------------------------------- loss

@@ -211,7 +211,7 @@ def test_analyze_report_and_devices():
   assert result['bytes_per_sample'] == analysis.bytes_per_sample(model, PAPER)
   table = analysis.format_table([result, result])
   assert table.count('fido-base-xl') == 2
-  with pytest.raises(ValueError, match='unknown device'):
+  with pytest.raises(ValueError, match="--device='tpu-v9' is unknown.*did you mean 'tpu-v4'"):
     analysis.get_device('tpu-v9')
   cpu = analysis.probe_cpu(sizes=(64, 128), copy_mib=16)
   assert cpu.peak_flops > 1e8 and cpu.bandwidth > 1e8 and cpu.memory_bytes > 2**28

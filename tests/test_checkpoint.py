@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from fido import checkpoint, optim
+from fido.errors import CheckpointError
 
 
 class TrainState(NamedTuple):
@@ -164,7 +165,7 @@ def test_no_restorable_checkpoint(tmp_path):
   _save_steps(tmp_path, (1, 2))
   for step in (1, 2):
     shutil.rmtree(tmp_path / str(step) / 'params')
-  with pytest.raises(RuntimeError, match='no restorable checkpoint'):
+  with pytest.raises(CheckpointError, match='no restorable checkpoint'):
     checkpoint.Checkpointer(tmp_path).restore(_abstract(_state(1)))
 
 

@@ -78,11 +78,17 @@ def test_parse_arg_and_config_file_errors(tmp_path):
   assert (parsed.variant, parsed.lsa, parsed.mq) == ('base-xl', 3, False)
   with pytest.raises(ConfigError, match="unknown config argument 'nope'"):
     parse_arg('base,nope=1', variant='x')
+  with pytest.raises(ConfigError, match=r"unknown config argument 'lsaa' .*\(did you mean 'lsa'\?\)"):
+    parse_arg('base,lsaa=2', variant='x', lsa=1)
+  with pytest.raises(ConfigError, match=r"unknown variant 'bse' \(did you mean 'base'\?\)"):
+    parse_arg('bse', variants=('small', 'base'), variant='base')
+  with pytest.raises(ConfigError, match=r"config argument lsa='x': expected int"):
+    parse_arg('base,lsa=x', variant='x', lsa=1)
   with pytest.raises(ConfigError, match='does not exist'):
     load_config_file('experiments/missing.py:base')
   empty = tmp_path / 'empty.py'
   empty.write_text('x = 1\n')
   with pytest.raises(ConfigError, match='has no get_config'):
     load_config_file(str(empty))
-  with pytest.raises(ConfigError, match="unknown model size 'giant'"):
+  with pytest.raises(ConfigError, match="fid.py:giant: unknown variant 'giant'; expected one of"):
     load_config_file('experiments/fid.py:giant')

@@ -96,13 +96,16 @@ def test_dev_and_test_entities_unseen_in_training(data):
   assert all(tuple(e.split()) in corpus_bigrams for e in list(entities("train"))[:20])
 
 
-def test_scores_decrease_and_gold_position_varies(data):
+def test_scores_decrease_and_rank_the_gold_passage_like_a_retriever(data):
   positions = []
   for r in data["train"]:
     scores = [c["score"] for c in r["ctxs"]]
     assert scores == sorted(scores, reverse=True)
     positions.append(next(i for i, c in enumerate(r["ctxs"]) if _contains(c, r["answers"][0])))
-  assert len(set(positions)) == 10
+  # Usually first (it shares entity and attribute), but not always: the reader must still match.
+  top1 = positions.count(0) / len(positions)
+  assert 0.6 < top1 < 0.95, top1
+  assert len(set(positions)) >= 3
 
 
 def test_late_variant_puts_the_answer_after_the_first_words():

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from fido.errors import UserError
 
-class DataError(ValueError):
+
+class DataError(UserError, ValueError):
   """Bad input data or configuration.
 
   The message names the file, the record (1-based line for JSONL, 1-based position in a JSON array)

@@ -13,6 +13,8 @@ A closed-book record (no ctxs) becomes one passage "question: {q}".
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import numpy as np
 
 from fido.data.errors import DataError, where
@@ -93,6 +95,14 @@ def _check_prefix(tokenizer: Tokenizer, record: dict, i: int, passage_len: int) 
     raise DataError(f"{_record_where(record, field)}passage prefix 'question: .. title: .. "
                     f"context:' takes {prefix_len} tokens, leaving no room for context and EOS in "
                     f"passage_len={passage_len}")
+
+
+def check_records_fit(tokenizer: Tokenizer, records: Sequence[dict], n_passages: int,
+                      passage_len: int) -> None:
+  """Raises encode_passages' DataError for the first record whose question (or a passage title)
+  leaves no room in `passage_len`: run it before expensive work (restoring, compiling, decoding)."""
+  for record in records:
+    encode_passages(tokenizer, record, n_passages, passage_len)
 
 
 def choose_target(record: dict, answer_choice: str = "first",

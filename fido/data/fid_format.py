@@ -27,6 +27,7 @@ import logging
 import math
 import os
 import re
+import zlib
 from collections.abc import Iterator
 
 from fido.data.errors import DataError, where
@@ -165,8 +166,8 @@ def _open_bytes_lines(path: str) -> Iterator[bytes]:
       gz = f.read(2) == _GZIP_MAGIC
     with (gzip.open if gz else open)(path, "rb") as f:
       yield from f
-  except (OSError, EOFError) as e:  # unreadable file or corrupt gzip stream
-    raise DataError(f"{path}: cannot read ({e})") from e
+  except (OSError, EOFError, zlib.error) as e:  # unreadable file or corrupt gzip stream
+    raise DataError(f"{path}: cannot read ({type(e).__name__}: {e})") from e
 
 
 def _decode(line: bytes, path: str, loc: str) -> str:

@@ -5,6 +5,8 @@ import os
 import ml_collections
 
 from fido.data import synthetic
+from fido.data.errors import DataError
+from fido.errors import MissingInputError
 
 
 def default_data_config() -> ml_collections.ConfigDict:
@@ -15,6 +17,7 @@ def default_data_config() -> ml_collections.ConfigDict:
       tokenizer='', train='', dev='', test='', corpus='',  # filled in for 'synthetic'
       n_passages=10, passage_len=256, target_len=32,
       answer_choice='first',  # training target when there is no `target`: 'first' | 'random'
+      on_error='raise',       # a bad record: 'raise' (DataError) | 'skip' (counted, reported)
       inputs_length=512,      # pre-training (span corruption) input length; targets follow
       synthetic=dict(seed=0, n_train=3000, n_dev=300, n_test=300, answer_position='early',
                      vocab_size=600),
@@ -36,7 +39,12 @@ def resolve_data(data: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     for field in ('tokenizer', 'train', 'dev', 'test', 'corpus'):
       data[field] = data[field] or getattr(paths, field)
   elif data.source != 'files':
-    raise ValueError(f"config.data.source={data.source!r}: expected 'synthetic' or 'files'")
-  if not data.tokenizer or not os.path.isfile(data.tokenizer):
-    raise FileNotFoundError(f'config.data.tokenizer={data.tokenizer!r} is not a file')
+    raise DataError(f"config.data.source={data.source!r}: expected 'synthetic' or 'files'")
+  if data.get('on_error', 'raise') not in ('raise', 'skip'):
+    raise DataError(f"config.data.on_error={data.on_error!r}: expected 'raise' or 'skip'")
+  if not data.tokenizer:
+    raise DataError('config.data.tokenizer is empty: your own data (source=files) needs a '
+                    'SentencePiece model, e.g. --config.data.tokenizer=path/to/spiece.model')
+  if not os.path.isfile(data.tokenizer):
+    raise MissingInputError(f'config.data.tokenizer={data.tokenizer!r} is not a file')
   return data

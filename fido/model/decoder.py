@@ -107,7 +107,8 @@ class Decoder(hk.Module):
     # One causal relative position bias for the whole stack, shared by all its layers.
     self.relative_position_bias = RelativePositionBias(
         dec.num_heads, bidirectional=False, num_buckets=config.relative_attention_num_buckets,
-        max_distance=config.relative_attention_max_distance, name='relative_position_bias')
+        max_distance=config.relative_attention_max_distance, name='relative_position_bias',
+        init_std=dec.get('position_bias_init_std', 1.0))
     cross = set(cross_attention_layers(dec))
     self.layers = [DecoderLayer(config, i in cross, policy, name=f'layer_{i:02d}')
                    for i in range(dec.num_layers)]

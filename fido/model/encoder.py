@@ -46,7 +46,8 @@ class Encoder(hk.Module):
     self.relative_position_bias = RelativePositionBias(
         config.encoder.num_heads, bidirectional=True,
         num_buckets=config.relative_attention_num_buckets,
-        max_distance=config.relative_attention_max_distance, name='relative_position_bias')
+        max_distance=config.relative_attention_max_distance, name='relative_position_bias',
+        init_std=config.encoder.get('position_bias_init_std', 1.0))
     self.layers = [EncoderLayer(config, policy, name=f'layer_{i:02d}')
                    for i in range(config.encoder.num_layers)]
     self.final_norm = RMSNorm(config.layer_norm_epsilon, policy, name='final_norm')

@@ -79,8 +79,9 @@ class RelativePositionBias(hk.Module):
   """Learned per-head bias over bucketed offsets; computed once per stack and shared by its layers."""
 
   def __init__(self, num_heads: int, bidirectional: bool, num_buckets: int, max_distance: int,
-               name: str):
+               name: str, init_std: float = 1.0):
     super().__init__(name=name)
+    self.init_std = init_std
     self.num_heads = num_heads
     self.bidirectional = bidirectional
     self.num_buckets = num_buckets
@@ -89,7 +90,7 @@ class RelativePositionBias(hk.Module):
   def __call__(self, query_positions_T: jax.Array, key_positions_S: jax.Array) -> jax.Array:
     """Returns the bias [1, H, T, S] in float32 for absolute query/key positions."""
     embeddings = hk.get_parameter('embeddings', [self.num_buckets, self.num_heads], jnp.float32,
-                                  init=hk.initializers.RandomNormal(1.0))
+                                  init=hk.initializers.RandomNormal(self.init_std))
     relative_TxS = key_positions_S[None, :] - query_positions_T[:, None]
     buckets_TxS = relative_position_bucket(relative_TxS, self.bidirectional, self.num_buckets,
                                            self.max_distance)
