@@ -17,10 +17,40 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 SMOKE = '--config=experiments/embedded.py:fido,smoke'
 
 
-def run_py(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-  return subprocess.run([sys.executable, 'run.py', *args], cwd=REPO, capture_output=True,
-                        text=True, timeout=300,
-                        env={**os.environ, 'JAX_PLATFORMS': 'cpu', **(env or {})})
+class ForkServer:
+  """Runs `python run.py ARGV` in children forked from tests/forked_run.py (one import in all)."""
+
+  def __init__(self, workdir: pathlib.Path):
+    self.workdir, self.count = workdir, 0
+    self.process = subprocess.Popen(
+        [sys.executable, str(REPO / 'tests' / 'forked_run.py')], cwd=REPO, text=True,
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        env={**os.environ, 'JAX_PLATFORMS': 'cpu', 'PYTHONPATH': str(REPO)})
+
+  def run(self, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    self.count += 1
+    out, err = (self.workdir / f'{self.count}.{name}' for name in ('out', 'err'))
+    request = dict(argv=list(args), stdout=str(out), stderr=str(err), env=env or {})
+    self.process.stdin.write(json.dumps(request) + '\n')
+    self.process.stdin.flush()
+    status = json.loads(self.process.stdout.readline())['status']
+    return subprocess.CompletedProcess(args, status, out.read_text(), err.read_text())
+
+  def close(self) -> None:
+    self.process.stdin.close()
+    self.process.wait(timeout=60)
+
+
+@pytest.fixture(scope='module')
+def server(tmp_path_factory):
+  server = ForkServer(tmp_path_factory.mktemp('forked'))
+  yield server
+  server.close()
+
+
+@pytest.fixture
+def run_py(server):
+  return server.run
 
 
 def assert_user_error(result: subprocess.CompletedProcess, *culprits: str) -> str:
@@ -143,7 +173,7 @@ CASES = [
 
 
 @pytest.mark.parametrize('args, culprits', [c[1:] for c in CASES], ids=[c[0] for c in CASES])
-def test_user_mistake_is_one_line_and_exit_status_2(files, tmp_path, args, culprits):
+def test_user_mistake_is_one_line_and_exit_status_2(run_py, files, tmp_path, args, culprits):
   foreign = pathlib.Path(files['foreign_ckpt'])
   (foreign / 'checkpoints' / '3').mkdir(parents=True, exist_ok=True)
   (foreign / 'checkpoints' / '3' / 'params').write_text('not a checkpoint')
@@ -153,7 +183,7 @@ def test_user_mistake_is_one_line_and_exit_status_2(files, tmp_path, args, culpr
   assert_user_error(run_py(*argv), *culprits)
 
 
-def test_different_run_in_workdir_is_refused_and_left_intact(tmp_path):
+def test_different_run_in_workdir_is_refused_and_left_intact(run_py, tmp_path):
   workdir = tmp_path / 'run'
   workdir.mkdir()
   (workdir / 'config.json').write_text(json.dumps({'model': {'vocab_size': 1}}))
@@ -161,12 +191,12 @@ def test_different_run_in_workdir_is_refused_and_left_intact(tmp_path):
   assert json.loads((workdir / 'config.json').read_text()) == {'model': {'vocab_size': 1}}
 
 
-def test_traceback_on_request(tmp_path):
+def test_traceback_on_request(run_py):
   result = run_py('--config.train.stpes=10', env={'FIDO_TRACEBACK': '1'})
   assert result.returncode == 2 and 'Traceback' in result.stderr and 'error: ' in result.stderr
 
 
-def test_help_lists_modes_config_files_and_variants():
+def test_help_lists_modes_config_files_and_variants(run_py):
   result = run_py('--help')
   assert result.returncode == 0, result.stderr
   for mode in cli.MODES:
@@ -176,13 +206,14 @@ def test_help_lists_modes_config_files_and_variants():
   assert 'base-xl' in result.stdout and '--mode=show_config' in result.stdout
 
 
-def test_show_config_prints_the_resolved_config_with_overrides():
+def test_show_config_prints_the_resolved_config_with_overrides(run_py):
   result = run_py('--mode=show_config', '--config=experiments/fid.py:tiny', '--config.train.steps=7')
   assert result.returncode == 0, result.stderr
   assert 'steps: 7' in result.stdout and 'cross_attention_period: 1' in result.stdout
 
 
-def test_describe_keeps_tracebacks_for_bugs():
+def test_describe_leaves_bugs_to_their_traceback():
+  assert cli.describe(KeyError('x')) is None and cli.describe(ValueError('x')) is None
   assert cli.describe(KeyError('x')) is None and cli.describe(ValueError('x')) is None
   assert cli.describe(PermissionError(13, 'Permission denied', '/x')) == '/x: Permission denied'
   assert cli.describe(FileNotFoundError('no filename')) is None

@@ -15,6 +15,8 @@ import pytest
 from fido import checkpoint, optim, train
 from fido.config import load_config_file
 from fido.data import features
+from fido.data.errors import DataError
+from fido.data.sources import resolve_data
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -56,6 +58,31 @@ def test_finetune_loss_falls_and_writes_metrics(data_dir, tmp_path):
   assert logged[-1]['loss'] < logged[0]['loss'] - 0.5
   assert all(m['examples_per_second'] > 0 for m in logged)
   assert any(m.get('event') == 'dev_eval' for m in read_metrics(tmp_path / 'run'))
+
+  # Run again, finished: nothing is trained (no train_seconds) and the test score is not re-logged.
+  again = train.train(config, str(tmp_path / 'run'))
+  assert again['already_trained'] and 'train_seconds' not in again
+  assert again['test_exact_match'] == result['test_exact_match'] and 'test_seconds' not in again
+  assert [m.get('event') for m in read_metrics(tmp_path / 'run')].count('test_eval') == 1
+
+
+def test_skip_bad_records_counts_and_reports_them(data_dir, tmp_path):
+  config = smoke_config(data_dir, steps=2, eval_every=0, final_eval_split='')
+  config.data = resolve_data(config.data)
+  lines = open(config.data.train).read().splitlines()
+  record = json.loads(lines[0])
+  bad = [json.dumps({**record, 'ctxs': []}), '{"question": ', json.dumps({**record, 'answers': 3})]
+  path = tmp_path / 'train.jsonl'
+  path.write_text('\n'.join(lines[:20] + bad + lines[20:]) + '\n')
+  config.data.update(source='files', train=str(path))
+  with pytest.raises(DataError, match=f'{path}: line 21: field .ctxs.: zero passages'):
+    train.train(config, str(tmp_path / 'raise'))
+  config.data.on_error = 'skip'
+  train.train(config, str(tmp_path / 'skip'))
+  report = json.loads((tmp_path / 'skip' / 'data_report.json').read_text())['train']
+  assert (report['read'], report['kept']) == (len(lines) + 3, len(lines))
+  assert report['skipped'] == {'ctxs: zero passages': 1, 'malformed JSON': 1,
+                               'answers: expected a list of strings': 1}
 
 
 def test_kill_and_resume_is_bit_identical(data_dir, tmp_path):
