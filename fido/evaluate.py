@@ -321,8 +321,10 @@ class _CheckpointEvaluator:
                    data.get('tokenizer'), saved_data.get('tokenizer'))
     self.tokenizer = load_tokenizer(data['tokenizer'], model_vocab_size=model_config.vocab_size)
     self.split = _split_path(data, self.split)
-    records, _ = read_fid_file(self.split, require_answers=False, n_passages=data['n_passages'],
-                               on_error=data.get('on_error', 'raise'))
+    records, report = read_fid_file(self.split, require_answers=False,
+                                    n_passages=data['n_passages'],
+                                    on_error=data.get('on_error', 'raise'))
+    self.skipped = dict(report.skipped)  # on_error='skip': reported with every step's metrics
     check_has_answers(records, self.split)
     check_records_fit(self.tokenizer, records, data['n_passages'], data['passage_len'])
     if self.eval.max_examples:
@@ -361,6 +363,8 @@ class _CheckpointEvaluator:
         beam_size=self.eval.beam_size, alpha=self.eval.alpha, max_decode_len=max_len,
         progress=self.eval.progress, **self.lengths)
     metrics.update(step=int(step), split=self.split, checkpoint=directory)
+    if self.skipped:
+      metrics['skipped_records'] = self.skipped
     write_predictions(os.path.join(self.out_dir, f'predictions_step{step}.jsonl'), predictions)
     write_metrics(os.path.join(self.out_dir, f'metrics_step{step}.json'), metrics)
     _LOG.info('step %d: EM %.4f F1 %.4f over %d', step, metrics['exact_match'], metrics['f1'],

@@ -171,6 +171,30 @@ def test_file_without_answers_is_an_error(tmp_path, config, model, paths):
                                  out_dir=str(tmp_path / 'out'))
 
 
+def test_bad_records_stop_eval_before_decoding_or_are_skipped_and_counted(tmp_path, config, model,
+                                                                         paths):
+  _save(tmp_path / 'ckpt', 1, _params(model, 0), config)
+  with open(paths.dev, encoding='utf-8') as f:
+    lines = f.read().splitlines()
+  long_question = {**json.loads(lines[0]), 'question': ' '.join(['why'] * 60) + '?'}
+  bad = tmp_path / 'bad.jsonl'
+  bad.write_text('\n'.join(lines[:3] + ['{"question": ', json.dumps(long_question)]) + '\n')
+  out_dir = tmp_path / 'out'
+  with pytest.raises(DataError, match=r'bad\.jsonl: line 4 column \d+: malformed JSON'):
+    evaluate.evaluate_checkpoint(config, str(tmp_path / 'ckpt'), split_path=str(bad),
+                                 out_dir=str(out_dir))
+  skip = ml_collections.ConfigDict(config.to_dict())
+  skip.data.on_error = 'skip'
+  with pytest.raises(DataError, match=r"bad\.jsonl: record 5: field 'question': passage prefix"):
+    evaluate.evaluate_checkpoint(skip, str(tmp_path / 'ckpt'), split_path=str(bad),
+                                 out_dir=str(out_dir))
+  assert not out_dir.exists()  # checked before decoding: nothing written
+  bad.write_text('\n'.join(lines[:3] + ['{"question": ']) + '\n')
+  metrics = evaluate.evaluate_checkpoint(skip, str(tmp_path / 'ckpt'), split_path=str(bad),
+                                         out_dir=str(out_dir))
+  assert metrics['count'] == 3 and metrics['skipped_records'] == {'malformed JSON': 1}
+
+
 def test_missing_checkpoint_is_an_error(tmp_path, config):
   for directory in (tmp_path / 'missing', tmp_path):
     with pytest.raises(FileNotFoundError, match=f'no checkpoint found under {directory}'):
