@@ -29,14 +29,16 @@ def get_config(arg: str | None = None):
   if arg.variant == 'fido':
     config.model = fido_config.model_config('micro', 'mini', cross_attention_period=2,
                                             decoder_kv_heads=1, cross_kv_heads=1, vocab_size=vocab)
-  elif arg.variant == 'fid':
-    config.model = fido_config.model_config('micro', vocab_size=vocab)
   else:
     config.model = fido_config.model_config('micro', vocab_size=vocab)
-  # A wider initial encoder position bias: the task's key skill (matching the question's entity
-  # with the passage title's, a fixed 5 tokens apart) is found by whichever head starts out
-  # attending at that offset; at T5's std 1.0 some seeds never find it within the budget.
-  config.model.encoder.position_bias_init_std = 4.0
+  # The encoder: micro's width in 8 heads of 8 (micro: 4 of 16), its relative position bias drawn
+  # with std 4 (T5: 1). The task's key skill, matching the question's entity with the passage
+  # title's (always 5 tokens later), is picked up first by a head that starts out attending at
+  # that offset; more and sharper heads make one likely for every seed. Measured on seeds 0-3
+  # (test EM after 1500 steps): 4 heads, std 1: seeds fail often; std 4: 0.99/0.99/0.46/0.13;
+  # 8 heads, std 4: seeds 2/3 0.99/0.68 (the rest of the gap is closed by 1000 more steps).
+  config.model.encoder.update(size='custom', num_heads=8, num_kv_heads=8, d_kv=8,
+                              position_bias_init_std=4.0)
 
   # Passages are one fact ("question: .. title: .. context: .."), at most 27 tokens + EOS; the
   # late variant's two filler sentences before it need 48. Answers are two tokens + EOS.
@@ -50,7 +52,7 @@ def get_config(arg: str | None = None):
   # copying the asked attribute's value; then the gold passage with the highest-scored (hardest)
   # distractors teaches matching the question's entity and attribute; then all 10 passages.
   config.data.curriculum.update(n_passages=(1, 2, 4), steps=(300, 300, 400))
-  config.train.update(task='finetune', batch_size=16, steps=1500, log_every=50, eval_every=500,
+  config.train.update(task='finetune', batch_size=16, steps=2500, log_every=50, eval_every=500,
                       eval_examples=100, checkpoint_every=500, z_loss=1e-4)
   # The paper's optimizer (unfactored Adafactor, constant decay, update clipping, parameter-scale
   # updates) at T5's pre-training rate: learns this task from scratch far faster than AdamW 3e-3.

@@ -28,9 +28,9 @@ import ml_collections
 import numpy as np
 
 from fido import analysis
+from fido.config import ConfigError
 from fido.decoding import greedy_decode_from_encoding
 from fido.model.fid import make_model
-from fido.config import ConfigError
 
 
 def count_params(params) -> int:

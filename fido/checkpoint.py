@@ -35,6 +35,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 from etils import epath
 from orbax.checkpoint import checkpoint_managers as policies
+
 from fido.config import ConfigError
 from fido.errors import CheckpointError, UserError
 

@@ -71,7 +71,7 @@ def help_text(root: str = '.') -> str:
             '  --overwrite          train: delete what --workdir holds and start afresh',
             '  --device=NAME        analyze: a device of fido.analysis.DEVICES, or cpu (probed)',
             '  --config.FIELD=V     set any config field; list them with --mode=show_config',
-            '  --verbosity=1        also log at INFO and show tracebacks of user errors',
+            '  --verbosity=1        log verbosely (absl) and show the traceback of a user error',
             '', 'exit status: 0 done, 2 a mistake in the input (one line on stderr says what and '
             'where), 1 a bug (with its traceback).']
   return '\n'.join(lines)

@@ -39,6 +39,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
+
 from fido.config import ConfigError
 
 OPTIMIZERS = ('fido_adafactor', 'adafactor', 'adamw')
@@ -64,9 +65,6 @@ def default_config() -> ml_collections.ConfigDict:
       adam_b1=0.9,                       # adamw
       adam_epsilon=1e-8,                 # adamw
       weight_decay=0.0,                  # adamw: decoupled, multiplied by the learning rate
-      # {path substring: factor}: the learning rate of every parameter whose '/'-joined path holds
-      # the substring is multiplied by the factor (e.g. {'relative_position_bias': 10.0}).
-      lr_multipliers={},
   ))  # The carry-over switch lives with the initialisation: config.init.carry_second_moments.
 
 
@@ -122,25 +120,6 @@ def _lr_stage(schedule: optax.Schedule) -> optax.GradientTransformation:
   return optax.inject_hyperparams(_scaled_descent)(learning_rate=schedule, lr_scale=1.0)
 
 
-def _path_mask(substring: str):
-  """params -> a bool pytree: True where the '/'-joined parameter path contains `substring`."""
-  def mask(params):
-    return jax.tree_util.tree_map_with_path(
-        lambda path, _: substring in '/'.join(str(getattr(k, 'key', k)) for k in path), params)
-  return mask
-
-
-def lr_multiplier_stages(multipliers: Any) -> list[optax.GradientTransformation]:
-  """One `optax.masked(optax.scale(factor))` per {path substring: factor} (none when empty)."""
-  stages = []
-  for substring, factor in sorted(dict(multipliers or {}).items()):
-    if not isinstance(factor, (int, float)) or factor <= 0:
-      raise ConfigError(f'config.optimizer.lr_multipliers[{substring!r}]={factor!r} must be a '
-                        'number > 0')
-    stages.append(optax.masked(optax.scale(float(factor)), _path_mask(substring)))
-  return stages
-
-
 def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
   """The optimizer named by `config.name` (see the module docstring for the chain layout).
 
@@ -154,7 +133,6 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
                               eps=config.adam_epsilon)]
     if config.weight_decay:
       tx.append(optax.add_decayed_weights(config.weight_decay))
-    tx += lr_multiplier_stages(config.get('lr_multipliers'))
     return optax.chain(*tx, _lr_stage(schedule))
 
   if config.name == 'fido_adafactor':
@@ -174,7 +152,6 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
     tx.append(optax.clip_by_block_rms(config.clipping_threshold))
   if config.multiply_by_parameter_scale:
     tx.append(optax.scale_by_param_block_rms(config.epsilon2))
-  tx += lr_multiplier_stages(config.get('lr_multipliers'))
   tx.append(_lr_stage(schedule))
   if config.momentum is not None:
     tx.append(optax.ema(config.momentum, debias=False))

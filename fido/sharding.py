@@ -37,9 +37,9 @@ import optax
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from fido.config import ConfigError
 from fido.model.fid import FiDFunctions
 from fido.train_step import Batch, TrainState, init_train_state
-from fido.config import ConfigError
 
 _LOG = logging.getLogger(__name__)
 DATA, MODEL = 'data', 'model'

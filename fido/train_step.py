@@ -35,10 +35,10 @@ import ml_collections
 import optax
 
 from fido import optim
+from fido.config import ConfigError
 from fido.model.decoder import DecoderLayer
 from fido.model.encoder import EncoderLayer
 from fido.model.fid import FiDFunctions, shift_right
-from fido.config import ConfigError
 
 Batch = Mapping[str, Any]
 REMAT = ('none', 'layer', 'layer_dots')

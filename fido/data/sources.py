@@ -1,6 +1,7 @@
 """Where the data comes from: the `config.data` section and its resolution to files on disk."""
 
 import os
+import sys
 
 import ml_collections
 
@@ -35,7 +36,8 @@ def resolve_data(data: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     s = data.synthetic
     paths = synthetic.prepare_synthetic(
         data.dir, s.seed, n_train=s.n_train, n_dev=s.n_dev, n_test=s.n_test,
-        n_passages=data.n_passages, answer_position=s.answer_position, vocab_size=s.vocab_size)
+        n_passages=data.n_passages, answer_position=s.answer_position, vocab_size=s.vocab_size,
+        announce=lambda message: print(message, file=sys.stderr, flush=True))
     for field in ('tokenizer', 'train', 'dev', 'test', 'corpus'):
       data[field] = data[field] or getattr(paths, field)
   elif data.source != 'files':

@@ -31,6 +31,8 @@ import json
 import os
 import re
 import tempfile
+import time
+from typing import Callable
 
 import numpy as np
 
@@ -167,11 +169,13 @@ def _atomic_write(path: str, lines: list[str]) -> None:
 
 def prepare_synthetic(out_dir: str | os.PathLike, seed: int = 0, *, n_train: int = 3000,
                       n_dev: int = 300, n_test: int = 300, n_passages: int = 10,
-                      answer_position: str = "early", vocab_size: int = 600) -> SyntheticPaths:
+                      answer_position: str = "early", vocab_size: int = 600,
+                      announce: Callable[[str], None] | None = None) -> SyntheticPaths:
   """Writes train/dev/test.jsonl, corpus.txt, spiece.model and manifest.json into out_dir.
 
   Idempotent: if manifest.json holds the same parameters and every file exists, nothing is written.
   vocab_size is the number of SentencePiece pieces (model vocab: +100 sentinels, rounded to 128).
+  `announce` (e.g. print) is told when generation starts and ends, with its duration.
   """
   out_dir = os.fspath(out_dir)
   os.makedirs(out_dir, exist_ok=True)
@@ -182,6 +186,10 @@ def prepare_synthetic(out_dir: str | os.PathLike, seed: int = 0, *, n_train: int
       ("corpus", "corpus.txt"), ("tokenizer", "spiece.model"), ("manifest", "manifest.json"))})
   if _is_prepared(paths, params):
     return paths
+  start = time.perf_counter()
+  if announce:
+    announce(f"generating synthetic data ({n_train} train, {n_dev} dev, {n_test} test records) and "
+             f"its tokenizer in {out_dir}")
   data = generate(seed, n_train, n_dev, n_test, n_passages, answer_position)
   for split in SPLITS:
     _atomic_write(getattr(paths, split), [json.dumps(r) for r in data[split]])
@@ -193,6 +201,8 @@ def prepare_synthetic(out_dir: str | os.PathLike, seed: int = 0, *, n_train: int
   os.replace(tmp_prefix + ".model", paths.tokenizer)
   os.replace(tmp_prefix + ".vocab", paths.tokenizer[:-len(".model")] + ".vocab")
   _atomic_write(paths.manifest, [json.dumps(params, sort_keys=True)])
+  if announce:
+    announce(f"generated {out_dir} in {time.perf_counter() - start:.1f} s")
   return paths
 
 
