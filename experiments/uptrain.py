@@ -38,8 +38,7 @@ Arguments: model=ENC-DEC or SIZE (T5.1.1 size names, e.g. base-xl, base, micro-m
 pretrain_steps/pretrain_batch/pretrain_lr/pretrain_warmup (the source checkpoints' pre-training; default
 the T5 paper's: 1M steps of 2048 sequences, 1e-2 for 10k steps then 1/sqrt), batch, steps (0 = stage default), lr
 (fine-tuning), root, encoder/decoder (HF checkpoint directories), synthetic (the embedded synthetic
-task and its 1152-token vocabulary, fine-tuned as experiments/embedded.py is: no dropout, passage
-curriculum), smoke (synthetic, tiny and a few steps: for CPUs and tests).
+task: experiments/embedded.py's data, vocabulary and fine-tuning recipe, no dropout), smoke (synthetic, tiny and a few steps: for CPUs and tests).
 """
 
 import math
@@ -75,7 +74,9 @@ def get_config(arg: str | None = None):
 
   config = fido_config.default_config()
   config.name = f'uptrain-{arg.variant}-{arg.model}'
-  vocab = 1152 if synthetic else fido_config.T5_VOCAB_SIZE  # synthetic: 1000 pieces + 100 sentinels
+  embedded = fido_config.load_config_file(
+      os.path.join(os.path.dirname(os.path.abspath(__file__)), 'embedded.py') + ':fid')
+  vocab = embedded.model.vocab_size if synthetic else fido_config.T5_VOCAB_SIZE
   # Synthetic fine-tuning follows the embedded default's recipe (experiments/embedded.py): no
   # dropout, and the passage curriculum below.
   dropout = 0.1 if arg.variant == 'finetune' and not synthetic else 0.0
@@ -88,8 +89,8 @@ def get_config(arg: str | None = None):
   config.convert.update(encoder_checkpoint=arg.encoder, decoder_checkpoint=arg.decoder,
                         out_dir=converted)
   if synthetic:
-    config.data.update(source='synthetic', dir='data/generated/synthetic', n_passages=10,
-                       passage_len=40, target_len=8, inputs_length=64)
+    config.data = embedded.data
+    config.data.inputs_length = 64
     config.convert.alignment.update(num_sequences=64, length=64)
   pretrain_optimizer = optim.pretraining_config()
   pretrain_optimizer.update(learning_rate=arg.pretrain_lr, warmup_steps=arg.pretrain_warmup)
@@ -122,8 +123,8 @@ def get_config(arg: str | None = None):
     config.train.update(log_every=min(config.train.log_every, 50),
                         eval_every=min(config.train.eval_every, 500), eval_examples=100)
     config.eval.update(batch_size=50)
-    if arg.variant == 'finetune' and not arg.smoke:
-      config.data.curriculum.update(n_passages=(1, 4), steps=(600, 1000))
+    if arg.variant != 'finetune' or arg.smoke:
+      config.data.curriculum.update(n_passages=(), steps=())
   if arg.smoke:
     config.data.synthetic.update(n_train=64, n_dev=16, n_test=16)
     config.data.dir = 'data/generated/synthetic-smoke'
