@@ -155,8 +155,11 @@ PAPER_SETTING = ('TPUv4, 40 passages x 256 tokens, 32 output tokens, greedy; '
                  'Table 3 at batch 64 (or the largest that fits), Table 6 at batch 1')
 
 
+VARIANTS = tuple(SWEEPS)
+
+
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  arg = fido_config.parse_arg(arg, variants=tuple(SWEEPS), variant='', runlocal=False, train=False, steps=0,
+  arg = fido_config.parse_arg(arg, variants=VARIANTS, variant='', runlocal=False, train=False, steps=0,
                               mha_steps=0, max_batch=-1, workdir='')
   runs_fn, base, paper_common, local_common, title = SWEEPS[arg.variant]
   # Each run's overrides are these common ones, then its own (the dotted keys stay in plain dicts:

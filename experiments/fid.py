@@ -13,8 +13,11 @@ layers), dtype=float32|bfloat16.
 from fido import config as fido_config
 
 
+VARIANTS = tuple(fido_config.SIZES)
+
+
 def get_config(arg: str | None = None):
-  arg = fido_config.parse_arg(arg, variants=tuple(fido_config.SIZES), variant='base',
+  arg = fido_config.parse_arg(arg, variants=VARIANTS, variant='base',
                               bench='paper', light=1, lsa=1, dtype='float32')
   config = fido_config.default_config()
   config.name = f'fid-{arg.variant}'

@@ -38,7 +38,8 @@ Arguments: model=ENC-DEC or SIZE (T5.1.1 size names, e.g. base-xl, base, micro-m
 pretrain_steps/pretrain_batch/pretrain_lr/pretrain_warmup (the source checkpoints' pre-training; default
 the T5 paper's: 1M steps of 2048 sequences, 1e-2 for 10k steps then 1/sqrt), batch, steps (0 = stage default), lr
 (fine-tuning), root, encoder/decoder (HF checkpoint directories), synthetic (the embedded synthetic
-task: experiments/embedded.py's data, vocabulary and fine-tuning recipe, no dropout), smoke (synthetic, tiny and a few steps: for CPUs and tests).
+task: experiments/embedded.py's data, vocabulary and fine-tuning recipe, no dropout), smoke
+(synthetic, tiny and a few steps: for CPUs and tests).
 """
 
 import math
@@ -49,6 +50,7 @@ from fido import convert_fido
 from fido import optim
 
 STAGES = ('convert', 'uptrain', 'finetune', 'pretrain')
+VARIANTS = STAGES
 
 
 def _sizes(model: str) -> tuple[str, str]:
@@ -58,7 +60,7 @@ def _sizes(model: str) -> tuple[str, str]:
 
 def get_config(arg: str | None = None):
   arg = fido_config.parse_arg(
-      arg, variants=STAGES, variant='finetune', model='base-xl', lsa=0, kv=1, fraction=0.05,
+      arg, variants=VARIANTS, variant='finetune', model='base-xl', lsa=0, kv=1, fraction=0.05,
       pretrain_steps=1_000_000, pretrain_batch=2048, pretrain_lr=1e-2, pretrain_warmup=10_000,
       batch=0, steps=0, lr=1e-3, root='workdirs/uptrain', encoder='', decoder='', synthetic=False,
       smoke=False)

@@ -197,7 +197,7 @@ class Checkpointer:
     if step is not None:
       if step not in steps:
         raise CheckpointError(f'no checkpoint for step {step} under {self.directory}; '
-                                f'available steps: {sorted(steps)}')
+                              f'available steps: {sorted(steps)}')
       return self._restore_step(step, fields, like)
     errors = []
     for candidate in steps:

@@ -41,16 +41,15 @@ def _experiment_files(root: str) -> list[str]:
 
 
 def _summary(path: str) -> tuple[str, str]:
-  """(first docstring line, 'Variants: ...' paragraph) of a config file, read as text."""
-  with open(path, encoding='utf-8') as f:
-    text = f.read()
-  doc = re.match(r'\s*"""(.*?)"""', text, re.S)
-  if not doc:
-    return '', ''
-  lines = doc.group(1).strip().splitlines()
-  first = lines[0].rstrip('.') if lines else ''
-  variants = re.search(r'^(Variants|Sweeps):(.*?)(?:\n\n|\n[A-Z]\w+:|\Z)', doc.group(1), re.S | re.M)
-  return first, ' '.join(variants.group(2).split()) if variants else ''
+  """(first sentence of its docstring, its VARIANTS) of a config file; '' where it has none."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  spec = importlib.util.spec_from_file_location('fido_help_' + os.path.basename(path)[:-3], path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  doc = ' '.join((module.__doc__ or '').split())
+  first = re.split(r'(?<=\.)\s', doc, maxsplit=1)[0].rstrip('.')
+  first = first if len(first) <= 96 else first[:95].rsplit(' ', 1)[0] + ' …'
+  return first, ', '.join(getattr(module, 'VARIANTS', ()))
 
 
 def help_text(root: str = '.') -> str:

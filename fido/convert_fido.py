@@ -432,7 +432,7 @@ def write_fido_checkpoint(params, model_config: ml_collections.ConfigDict, out_d
   if ckpt_dir.exists() and any(ckpt_dir.iterdir()):
     if not overwrite:
       raise OutputExistsError(f'{ckpt_dir} already holds a checkpoint; choose another out_dir or '
-                            'set config.convert.overwrite=True')
+                              'set config.convert.overwrite=True')
     shutil.rmtree(ckpt_dir)
   saved = ml_collections.ConfigDict((config or experiment_defaults()).to_dict())
   saved.model = ml_collections.ConfigDict(model_config.to_dict())
@@ -450,11 +450,11 @@ def run_convert(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """`run.py --mode=convert`: converts config.convert's checkpoint(s) to config.model; a summary."""
   if 'convert' not in config:
     raise ConfigError('the config has no convert section (fido.convert_fido.default_config()); use '
-                     'e.g. --config=experiments/uptrain.py:convert')
+                      'e.g. --config=experiments/uptrain.py:convert')
   c = config.convert
   if not c.encoder_checkpoint or not c.out_dir:
     raise ConfigError('set config.convert.encoder_checkpoint (an HF T5.1.1 directory) and '
-                     'config.convert.out_dir')
+                      'config.convert.out_dir')
   model = config.model
   ids = mask = None
   if (model.encoder.d_model != model.decoder.d_model and c.cross_kv_init == 'aligned'):

@@ -90,15 +90,15 @@ def mesh_shape(shape: MeshShape, num_devices: int) -> tuple[int, int]:
   valid_data = isinstance(data, int) and (data >= 1 or data == -1)
   if not (isinstance(model, int) and model >= 1) or not valid_data:
     raise ConfigError(f'mesh shape (data={data}, model={model}) is invalid: model must be >= 1 and '
-                     'data >= 1 or -1 (all remaining devices)')
+                      'data >= 1 or -1 (all remaining devices)')
   if data == -1:
     if num_devices % model:
       raise ConfigError(f'mesh shape (data=-1, model={model}) does not fit {num_devices} devices: '
-                       f'{num_devices} is not divisible by model={model}')
+                        f'{num_devices} is not divisible by model={model}')
     data = num_devices // model
   if data * model != num_devices:
     raise ConfigError(f'mesh shape (data={data}, model={model}) needs {data * model} devices but '
-                     f'{num_devices} are available; use data=-1 or pass devices=')
+                      f'{num_devices} are available; use data=-1 or pass devices=')
   return data, model
 
 
@@ -135,8 +135,8 @@ def spec_for(path: str, shape: Sequence[int], rules: Rules) -> P:
   detail = (f'rules {matched} match its path but none has rank {len(shape)}' if matched
             else 'no rule matches its path')
   raise ConfigError(f'no sharding rule for parameter {path} with shape {tuple(shape)}: {detail}. '
-                   'Add a (regex, PartitionSpec) rule; unmatched parameters are never replicated '
-                   'silently.')
+                    'Add a (regex, PartitionSpec) rule; unmatched parameters are never replicated '
+                    'silently.')
 
 
 def param_specs(params: Any, axis_sizes: Mapping[str, int], rules: Rules = RULES,
@@ -227,7 +227,7 @@ def check_batch_size(batch_size: int, mesh: Mesh, gradient_accumulation_steps: i
     accum = (f' / gradient_accumulation_steps={gradient_accumulation_steps} = {micro}'
              if gradient_accumulation_steps > 1 else '')
     raise ConfigError(f'batch size {batch_size}{accum} is not divisible by the mesh data axis '
-                     f'size {data} (mesh {dict(mesh.shape)})')
+                      f'size {data} (mesh {dict(mesh.shape)})')
 
 
 def make_global_batch(local_batch: Batch, mesh: Mesh) -> dict[str, jax.Array]:

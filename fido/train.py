@@ -81,12 +81,12 @@ def validate_curriculum(config: ml_collections.ConfigDict) -> None:
   n_passages, steps = tuple(cur.n_passages), tuple(cur.steps)
   if len(n_passages) != len(steps):
     raise ConfigError(f'config.data.curriculum: n_passages={n_passages} and steps={steps} must '
-                     'have one entry per stage')
+                      'have one entry per stage')
   if not steps:
     return
   if config.train.task != 'finetune':
     raise ConfigError(f'config.data.curriculum is for fine-tuning; config.train.task='
-                     f'{config.train.task!r}')
+                      f'{config.train.task!r}')
   for field, values in (('n_passages', n_passages), ('steps', steps)):
     if any(not isinstance(v, int) or v < 1 for v in values):
       raise ConfigError(f'config.data.curriculum.{field}={values}: every entry must be an int >= 1')
@@ -303,7 +303,7 @@ def prepare_workdir(config: ml_collections.ConfigDict, workdir: str, overwrite: 
       changed = sorted(k for k in set(previous) | set(_comparable(config))
                        if previous.get(k) != _comparable(config).get(k))
       raise WorkdirError(f'workdir {workdir!r} holds a different run (config sections differ: '
-                       f'{changed}); use another --workdir or pass --overwrite to replace it')
+                         f'{changed}); use another --workdir or pass --overwrite to replace it')
   os.makedirs(workdir, exist_ok=True)
   with open(path, 'w') as f:
     json.dump(_comparable(config), f, indent=1, sort_keys=True)
@@ -395,7 +395,8 @@ def init_from_pretrained(config: ml_collections.ConfigDict, state: train_step_li
     try:
       _, pre_opt_state = source.restore_optimizer_state(abstract_opt, restored.step)
     except checkpoint_lib.CheckpointMismatchError as e:
-      raise checkpoint_lib.CheckpointMismatchError(f'{directory}: cannot carry second moments over: {e}') from e
+      raise checkpoint_lib.CheckpointMismatchError(
+          f'{directory}: cannot carry second moments over: {e}') from e
     opt_state = optim.carry_over_second_moments(pre_opt_state, state.opt_state)
     state = state._replace(opt_state=jax.device_put(opt_state, jax.tree.map(
         lambda x: x.sharding, state.opt_state)))
@@ -425,8 +426,8 @@ def validate_mha_steps(config: ml_collections.ConfigDict) -> None:
   mha_steps, steps = config.train.mha_steps, config.train.steps
   if not isinstance(mha_steps, int) or not 0 <= mha_steps < steps:
     raise ConfigError(f'config.train.mha_steps={mha_steps!r} must be an int in [0, '
-                     f'config.train.steps={steps}): the steps trained with multi-head attention '
-                     'before uptraining into config.model (0 = off)')
+                      f'config.train.steps={steps}): the steps trained with multi-head attention '
+                      'before uptraining into config.model (0 = off)')
 
 
 def uptrains(config: ml_collections.ConfigDict) -> bool:
@@ -492,7 +493,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, overwrite: bool = 
   tokenizer = load_tokenizer(config.data.tokenizer)
   if tokenizer.vocab_size > config.model.vocab_size:
     raise ConfigError(f'the tokenizer {config.data.tokenizer} needs vocab_size '
-                     f'{tokenizer.vocab_size} > config.model.vocab_size={config.model.vocab_size}')
+                      f'{tokenizer.vocab_size} > config.model.vocab_size={config.model.vocab_size}')
   model = make_model(config.model)
   optimizer = optim.make_optimizer(config.optimizer)
   mesh = sharding.make_mesh(dict(config.sharding.mesh))

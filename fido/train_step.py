@@ -69,7 +69,7 @@ def validate_train_config(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(f'config.train.gradient_accumulation_steps={accum!r} must be an integer >= 1')
   if config.batch_size % accum:
     raise ConfigError(f'config.train.batch_size={config.batch_size} is not divisible by '
-                     f'gradient_accumulation_steps={accum}')
+                      f'gradient_accumulation_steps={accum}')
   if config.remat not in REMAT:
     raise ConfigError(f'config.train.remat={config.remat!r}; expected one of {REMAT}')
   if config.z_loss < 0:

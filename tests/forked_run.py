@@ -12,7 +12,8 @@ import runpy
 import sys
 import traceback
 
-from fido import analysis, bench, cli, convert_fido, evaluate, sweep, train  # noqa: F401  (the slow imports)
+# The slow imports, once, for every child.
+from fido import analysis, bench, cli, convert_fido, evaluate, sweep, train  # noqa: F401
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

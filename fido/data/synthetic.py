@@ -3,9 +3,10 @@
 Each record is its own small world of invented places (entities) and their attributes (capital,
 founder, ...). The question asks for one attribute of one entity; its answer (an invented two-word
 phrase) is stated in exactly one of the record's passages. The passages are a grid: r entities
-x c attributes (c drawn per record from 2..min(8, P // 2), r = ceil(P / c), fewer than c cells dropped,
-never the gold one, nor all distractors of one kind), one fact per passage. Every entity and every attribute therefore occurs about equally often, so
-neither counting titles nor counting facts finds the gold passage: only matching the question's
+x c attributes (c drawn per record from 2..min(MAX_ATTRIBUTES_PER_RECORD, P // 2), r = ceil(P / c),
+fewer than c cells dropped, never the gold one, nor all distractors of one kind), one fact per
+passage. Every entity and every attribute therefore occurs about equally often, so neither
+counting titles nor counting facts finds the gold passage: only matching the question's
 entity against the passage title *and* its attribute against the fact does (a distractor shares
 the entity, the attribute, or neither).
 
