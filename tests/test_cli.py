@@ -180,6 +180,8 @@ def test_user_mistake_is_one_line_and_exit_status_2(run_py, files, tmp_path, arg
   argv = args(files)
   if not any(a.startswith('--workdir') for a in argv):
     argv.append(f'--workdir={tmp_path / "run"}')
+  if SMOKE in argv and not any(a.startswith('--config.data.') for a in argv):
+    argv.append(f'--config.data.dir={files["root"]}/smoke')  # not the repository's data/
   assert_user_error(run_py(*argv), *culprits)
 
 

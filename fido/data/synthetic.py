@@ -195,12 +195,16 @@ def prepare_synthetic(out_dir: str | os.PathLike, seed: int = 0, *, n_train: int
   for split in SPLITS:
     _atomic_write(getattr(paths, split), [json.dumps(r) for r in data[split]])
   _atomic_write(paths.corpus, data["corpus"])
-  tmp_prefix = os.path.join(out_dir, ".tmp-spiece")
+  # A private temporary name: two processes may prepare the same directory at once (identical
+  # results, as everything is a function of the seed).
+  tmp_dir = tempfile.mkdtemp(dir=out_dir, prefix=".tmp-spiece-")
+  tmp_prefix = os.path.join(tmp_dir, "spiece")
   # BPE: sentencepiece's unigram trainer splits even frequent words ("question") into letters on
   # this corpus of many rare invented names; BPE learns the English words and every syllable.
   tokenizer_lib.train_tokenizer(paths.corpus, tmp_prefix, vocab_size, model_type="bpe")
   os.replace(tmp_prefix + ".model", paths.tokenizer)
   os.replace(tmp_prefix + ".vocab", paths.tokenizer[:-len(".model")] + ".vocab")
+  os.rmdir(tmp_dir)
   _atomic_write(paths.manifest, [json.dumps(params, sort_keys=True)])
   if announce:
     announce(f"generated {out_dir} in {time.perf_counter() - start:.1f} s")
