@@ -367,3 +367,17 @@ def test_greedy_pick_is_argmax_with_first_tie_and_its_log_probability():
   np.testing.assert_allclose(logp[:2], expected, rtol=1e-6)
   random = jax.random.normal(jax.random.PRNGKey(0), (8, 1000))
   np.testing.assert_array_equal(greedy_pick(random)[0], jnp.argmax(random, axis=-1))
+
+
+def test_position_bias_init_std_is_per_stack_and_validated():
+  from fido.config import ConfigError, validate_model_config  # pylint: disable=g-import-not-at-top
+  from fido.model.fid import init_params  # pylint: disable=g-import-not-at-top
+  config = model_config('micro')
+  config.encoder.position_bias_init_std = 4.0
+  params = init_params(make_model(config), jax.random.PRNGKey(0))
+  std = {stack: float(np.std(params[f'{stack}/~/relative_position_bias']['embeddings']))
+         for stack in ('encoder', 'decoder')}
+  assert 3.0 < std['encoder'] < 5.0 and 0.7 < std['decoder'] < 1.3, std
+  config.decoder.position_bias_init_std = 0.0
+  with pytest.raises(ConfigError, match='decoder.position_bias_init_std=0.0'):
+    validate_model_config(config)
