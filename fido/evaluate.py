@@ -55,7 +55,8 @@ from fido.model.fid import FiDFunctions, init_params, make_model
 _LOG = logging.getLogger(__name__)
 SPLITS = ('train', 'dev', 'test')
 # Model fields an evaluation may choose freely: a size label, the compute dtype, dropout (off).
-EVAL_FREE_MODEL_FIELDS = ('dropout_rate', 'dtype', 'size')
+# Fields that do not change what a trained checkpoint computes (position_bias_init_std: init only).
+EVAL_FREE_MODEL_FIELDS = ('dropout_rate', 'dtype', 'size', 'position_bias_init_std')
 _METRICS_FILE = re.compile(r'metrics_step(\d+)\.json')
 
 
@@ -248,7 +249,7 @@ def check_model_matches(saved_model: Mapping[str, Any], model: Mapping[str, Any]
                         where: str) -> None:
   """ConfigError naming every config.model field where the checkpoint and the config differ.
 
-  Compared: everything but EVAL_FREE_MODEL_FIELDS (a size label, dtype, dropout).
+  Compared: everything but EVAL_FREE_MODEL_FIELDS (a size label, dtype, dropout, init std).
   """
   to_dict = lambda c: c.to_dict() if isinstance(c, ml_collections.ConfigDict) else dict(c)
   saved, ours = _flatten(to_dict(saved_model)), _flatten(to_dict(model))

@@ -208,6 +208,11 @@ def test_model_config_mismatch_names_the_field(tmp_path, config, model, paths, t
                                         r'checkpoint 1, config 2'):
     evaluate.evaluate_checkpoint(other, str(tmp_path / 'ckpt'), split_path='dev',
                                  out_dir=str(tmp_path / 'out'))
+  # Init-only and run-only fields may differ: they do not change what the checkpoint computes.
+  init_only = ml_collections.ConfigDict(config.model.to_dict())
+  init_only.encoder.position_bias_init_std = 4.0
+  init_only.dropout_rate = 0.3
+  evaluate.check_model_matches(config.model, init_only, 'checkpoint 1')
 
 
 def test_watch_evaluates_new_steps_then_resumes_without_repeating(tmp_path, config, model, dev):
