@@ -124,8 +124,8 @@ CASES = [
     ('unknown flag', lambda f: ['--wokdir=/tmp/x'], ["'wokdir'", "'workdir'"]),
     ('positional argument', lambda f: ['train'], ["['train']"]),
     ('unknown device', lambda f: ['--mode=analyze', '--device=tpu-v5'], ['--device', 'tpu-v4']),
-    ('unknown bench setting', lambda f: ['--mode=bench', '--config=experiments/fido.py:tiny,bench=gpu'],
-     ["'gpu'"]),
+    ('unknown bench setting',
+     lambda f: ['--mode=bench', '--config=experiments/fido.py:tiny,bench=gpu'], ["'gpu'"]),
     ('impossible model', lambda f: [SMOKE, '--config.model.decoder.cross_attention_period=9'],
      ['config.model.decoder.cross_attention_period']),
     ('unknown optimizer', lambda f: [SMOKE, '--config.optimizer.name=sgd'],
@@ -146,7 +146,8 @@ CASES = [
         f'--config.data.tokenizer={f["not_spm"]}'], ['not_spm.model']),
     ('missing train file', lambda f: own_data(f) + ['--config.data.train=/nonexistent/train.jsonl'],
      ['/nonexistent/train.jsonl']),
-    ('malformed JSON line', lambda f: own_data(f, train='malformed'), ['malformed.jsonl', 'line 2']),
+    ('malformed JSON line', lambda f: own_data(f, train='malformed'),
+     ['malformed.jsonl', 'line 2']),
     ('malformed JSON array', lambda f: own_data(f, train='array'), ['array.json', 'line 3']),
     ('empty file', lambda f: own_data(f, train='empty'), ['empty.jsonl', 'empty']),
     ('record without passages', lambda f: own_data(f, train='no_passages'),
@@ -159,7 +160,8 @@ CASES = [
      ['few.jsonl', 'config.train.batch_size=']),
     ('question longer than passage_len', lambda f: own_data(f, dev='long_question'),
      ['long.jsonl', 'question', 'passage_len']),
-    ('eval without a checkpoint flag', lambda f: ['--mode=eval', SMOKE], ['config.eval.checkpoint']),
+    ('eval without a checkpoint flag', lambda f: ['--mode=eval', SMOKE],
+     ['config.eval.checkpoint']),
     ('eval of a missing checkpoint', lambda f: ['--mode=eval', SMOKE,
                                                 '--config.eval.checkpoint=/nonexistent/run'],
      ['/nonexistent/run']),
@@ -209,7 +211,8 @@ def test_help_lists_modes_config_files_and_variants(run_py):
 
 
 def test_show_config_prints_the_resolved_config_with_overrides(run_py):
-  result = run_py('--mode=show_config', '--config=experiments/fid.py:tiny', '--config.train.steps=7')
+  result = run_py('--mode=show_config', '--config=experiments/fid.py:tiny',
+                  '--config.train.steps=7')
   assert result.returncode == 0, result.stderr
   assert 'steps: 7' in result.stdout and 'cross_attention_period: 1' in result.stdout
 
