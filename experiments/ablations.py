@@ -159,8 +159,8 @@ VARIANTS = tuple(SWEEPS)
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  arg = fido_config.parse_arg(arg, variants=VARIANTS, variant='', runlocal=False, train=False, steps=0,
-                              mha_steps=0, max_batch=-1, workdir='')
+  arg = fido_config.parse_arg(arg, variants=VARIANTS, variant='', runlocal=False, train=False,
+                              steps=0, mha_steps=0, max_batch=-1, workdir='')
   runs_fn, base, paper_common, local_common, title = SWEEPS[arg.variant]
   # Each run's overrides are these common ones, then its own (the dotted keys stay in plain dicts:
   # ConfigDict refuses dotted field names).

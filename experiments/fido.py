@@ -25,8 +25,8 @@ VARIANTS = (*ASYMMETRIC, *(s for s in fido_config.SIZES if s not in ASYMMETRIC))
 
 
 def get_config(arg: str | None = None):
-  arg = fido_config.parse_arg(arg, variants=VARIANTS, variant='base-xl', bench='paper', lsa=0, mq=True,
-                              dtype='float32')
+  arg = fido_config.parse_arg(arg, variants=VARIANTS, variant='base-xl', bench='paper', lsa=0,
+                              mq=True, dtype='float32')
   encoder, decoder = ASYMMETRIC.get(arg.variant, (arg.variant, arg.variant))
   kv_heads = 1 if arg.mq else None
   config = fido_config.default_config()

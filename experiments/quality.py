@@ -98,7 +98,8 @@ VARIANTS = tuple(SWEEPS)
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  arg = fido_config.parse_arg(arg, variants=VARIANTS, variant='', seeds=0, smoke=False, workdir='')
+  arg = fido_config.parse_arg(arg, variants=VARIANTS, variant='', seeds=0, smoke=False,
+                              workdir='')
   runs_fn, default_seeds, title = SWEEPS[arg.variant]
   spec = ',smoke' if arg.smoke else ''
   runs = runs_fn(spec, 4) if arg.variant == 'pretraining' and arg.smoke else runs_fn(spec)

@@ -76,8 +76,9 @@ def get_config(arg: str | None = None):
 
   config = fido_config.default_config()
   config.name = f'uptrain-{arg.variant}-{arg.model}'
-  embedded = fido_config.load_config_file(
-      os.path.join(os.path.dirname(os.path.abspath(__file__)), 'embedded.py') + ':fid')
+  embedded = fido_config.load_config_file(  # the synthetic task's data and vocabulary
+      os.path.join(os.path.dirname(os.path.abspath(__file__)), 'embedded.py') + ':fid'
+  ) if synthetic else None
   vocab = embedded.model.vocab_size if synthetic else fido_config.T5_VOCAB_SIZE
   # Synthetic fine-tuning follows the embedded default's recipe (experiments/embedded.py): no
   # dropout, and the passage curriculum below.

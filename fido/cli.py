@@ -42,10 +42,7 @@ def _experiment_files(root: str) -> list[str]:
 
 def _summary(path: str) -> tuple[str, str]:
   """(first sentence of its docstring, its VARIANTS) of a config file; '' where it has none."""
-  import importlib.util  # pylint: disable=g-import-not-at-top
-  spec = importlib.util.spec_from_file_location('fido_help_' + os.path.basename(path)[:-3], path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
+  module = fido_config.load_config_module(path)
   doc = ' '.join((module.__doc__ or '').split())
   first = re.split(r'(?<=\.)\s', doc, maxsplit=1)[0].rstrip('.')
   first = first if len(first) <= 96 else first[:95].rsplit(' ', 1)[0] + ' …'

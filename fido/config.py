@@ -240,12 +240,11 @@ def default_config() -> ml_collections.ConfigDict:
   ))
 
 
-def load_config_file(spec: str) -> ml_collections.ConfigDict:
-  """Loads 'path/to/file.py[:arg]' by calling its get_config(arg), as `--config` does."""
+def load_config_module(path: str) -> Any:
+  """The config file at `path` as a module (its get_config, VARIANTS, docstring, ...)."""
   import glob  # pylint: disable=g-import-not-at-top
   import importlib.util  # pylint: disable=g-import-not-at-top
   import os  # pylint: disable=g-import-not-at-top
-  path, _, arg = spec.partition(':')
   if not os.path.isfile(path):
     siblings = glob.glob(os.path.join(os.path.dirname(path), '*.py'))
     raise ConfigError(f'config file {path!r} does not exist{did_you_mean(path, siblings)}')
@@ -253,6 +252,13 @@ def load_config_file(spec: str) -> ml_collections.ConfigDict:
       f'fido_experiment_{os.path.splitext(os.path.basename(path))[0]}', path)
   module = importlib.util.module_from_spec(module_spec)
   module_spec.loader.exec_module(module)
+  return module
+
+
+def load_config_file(spec: str) -> ml_collections.ConfigDict:
+  """Loads 'path/to/file.py[:arg]' by calling its get_config(arg), as `--config` does."""
+  path, _, arg = spec.partition(':')
+  module = load_config_module(path)
   if not hasattr(module, 'get_config'):
     raise ConfigError(f'config file {path!r} has no get_config(arg) function')
   try:

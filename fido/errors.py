@@ -23,12 +23,6 @@ class WorkdirError(UserError, ValueError):
   """A workdir that cannot be used: another run's, not writable, a file."""
 
 
-def did_you_mean(name: str, candidates: Iterable[str]) -> str:
-  """' (did you mean "x"?)' for the closest candidate, or '' when none is close."""
-  close = difflib.get_close_matches(name, [str(c) for c in candidates], n=1, cutoff=0.6)
-  return f' (did you mean {close[0]!r}?)' if close else ''
-
-
 class CheckpointError(UserError, FileNotFoundError):
   """A checkpoint (or checkpoint directory) that is missing, incomplete or unreadable."""
 
@@ -39,3 +33,9 @@ class MissingInputError(UserError, FileNotFoundError):
 
 class OutputExistsError(UserError, FileExistsError):
   """An output location already holds something that must not be overwritten."""
+
+
+def did_you_mean(name: str, candidates: Iterable[str]) -> str:
+  """' (did you mean "x"?)' for the closest candidate, or '' when none is close."""
+  close = difflib.get_close_matches(name, [str(c) for c in candidates], n=1, cutoff=0.6)
+  return f' (did you mean {close[0]!r}?)' if close else ''
