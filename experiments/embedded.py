@@ -16,6 +16,7 @@ for tests).
 """
 
 from fido import config as fido_config
+from fido import experiment
 
 VARIANTS = ('fido', 'fid')
 VOCAB_PIECES = 600  # SentencePiece pieces; the model vocabulary adds 100 sentinels, rounded to 128
@@ -23,7 +24,7 @@ VOCAB_PIECES = 600  # SentencePiece pieces; the model vocabulary adds 100 sentin
 
 def get_config(arg: str | None = None):
   arg = fido_config.parse_arg(arg, variants=VARIANTS, variant='fido', late=False, smoke=False)
-  config = fido_config.default_config()
+  config = experiment.default_config()
   config.name = f'embedded-{arg.variant}' + '-late' * arg.late
   vocab = 768
   if arg.variant == 'fido':

@@ -11,6 +11,7 @@ layers), dtype=float32|bfloat16.
 """
 
 from fido import config as fido_config
+from fido import experiment
 
 
 VARIANTS = tuple(fido_config.SIZES)
@@ -19,7 +20,7 @@ VARIANTS = tuple(fido_config.SIZES)
 def get_config(arg: str | None = None):
   arg = fido_config.parse_arg(arg, variants=VARIANTS, variant='base',
                               bench='paper', light=1, lsa=1, dtype='float32')
-  config = fido_config.default_config()
+  config = experiment.default_config()
   config.name = f'fid-{arg.variant}'
   config.model = fido_config.model_config(arg.variant, cross_attention_period=arg.lsa,
                                           fid_light_k=arg.light, dtype=arg.dtype)

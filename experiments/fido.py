@@ -13,6 +13,7 @@ dtype=float32|bfloat16.
 """
 
 from fido import config as fido_config
+from fido import experiment
 
 ASYMMETRIC = {
     'small-large': ('small', 'large'),
@@ -29,7 +30,7 @@ def get_config(arg: str | None = None):
                               mq=True, dtype='float32')
   encoder, decoder = ASYMMETRIC.get(arg.variant, (arg.variant, arg.variant))
   kv_heads = 1 if arg.mq else None
-  config = fido_config.default_config()
+  config = experiment.default_config()
   config.name = f'fido-{arg.variant}'
   # The paper's period 6, capped for decoders shallower than 6 layers (tiny); an explicit lsa=K is kept.
   lsa = arg.lsa or min(6, fido_config.stack_config(decoder).num_layers)

@@ -47,6 +47,7 @@ import os
 
 from fido import config as fido_config
 from fido import convert_fido
+from fido import experiment
 from fido import optim
 
 STAGES = ('convert', 'uptrain', 'finetune', 'pretrain')
@@ -74,7 +75,7 @@ def get_config(arg: str | None = None):
     kv = arg.kv or None
     lsa = arg.lsa or min(6, fido_config.stack_config(decoder).num_layers)
 
-  config = fido_config.default_config()
+  config = experiment.default_config()
   config.name = f'uptrain-{arg.variant}-{arg.model}'
   embedded = fido_config.load_config_file(  # the synthetic task's data and vocabulary
       os.path.join(os.path.dirname(os.path.abspath(__file__)), 'embedded.py') + ':fid'

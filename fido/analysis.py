@@ -42,6 +42,7 @@ FiD-Base < +LSA < +MQ > +XL decoder follows from these terms alone; see `paper_t
 
 import dataclasses
 import functools
+import json
 import os
 import time
 from typing import Any, Mapping, NamedTuple
@@ -53,6 +54,7 @@ import numpy as np
 
 from fido.config import ConfigError, cross_attention_layers, model_config, shares_embedding
 from fido.errors import did_you_mean
+from fido.model.fid import make_model
 
 GiB = 2**30
 MEMORY_OVERHEAD = 0.10
@@ -389,7 +391,6 @@ def xla_costs(model, s: Setting) -> dict[str, dict[str, float]]:
   used, which is large relative to a tiny model's matmuls. Compiles without materialising
   parameters (shapes only); on CPU use small configs.
   """
-  from fido.model.fid import make_model  # pylint: disable=g-import-not-at-top
   fns = make_model(model)
   dummy = jnp.zeros((1, 1, 4), jnp.int32)
   params = jax.eval_shape(fns.init, jax.random.PRNGKey(0), dummy, dummy > 0,
@@ -477,7 +478,6 @@ def run_analyze(config: ml_collections.ConfigDict, device: str | Device = 'tpu-v
 
   XLA's own cost analysis is compiled only for bench settings small enough to compile quickly.
   """
-  import json  # pylint: disable=g-import-not-at-top
   results = []
   for batch in config.bench.batch_sizes:
     setting = setting_from_config(config, batch)

@@ -28,6 +28,7 @@ import ml_collections
 import numpy as np
 
 from fido import analysis
+from fido import bench_reference
 from fido.config import ConfigError
 from fido.decoding import greedy_decode_from_encoding
 from fido.model.fid import make_model
@@ -259,7 +260,6 @@ def run_bench(config: ml_collections.ConfigDict) -> list[dict[str, Any]]:
     for result in results:
       _emit(result, bench.output)
     return results
-  from fido import bench_reference  # pylint: disable=g-import-not-at-top
   model = make_model(config.model)
   rng = np.random.default_rng(bench.seed)
   params = random_params(config, model, rng)

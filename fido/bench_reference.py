@@ -15,7 +15,7 @@ import numpy as np
 
 
 def hf_t5_config(model: ml_collections.ConfigDict):
-  import transformers  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top  (optional: bench-only reference)
   enc = model.encoder
   return transformers.T5Config(
       vocab_size=model.vocab_size, d_model=enc.d_model, d_ff=enc.d_ff, d_kv=enc.d_kv,
@@ -31,8 +31,8 @@ class HFReference:
 
   def __init__(self, config: ml_collections.ConfigDict):
     try:
-      import torch  # pylint: disable=g-import-not-at-top
-      import transformers  # pylint: disable=g-import-not-at-top
+      import torch  # pylint: disable=g-import-not-at-top  (optional: requirements-test.txt)
+      import transformers  # pylint: disable=g-import-not-at-top  (optional, as torch)
     except ImportError as e:
       raise RuntimeError('config.bench.reference="hf" needs torch and transformers: '
                          'pip install -r requirements-test.txt') from e

@@ -14,8 +14,14 @@ A model config is an `ml_collections.ConfigDict`:
   model.relative_attention_max_distance
   model.fid_light_k               FiD-Light: decoder sees the first passage_len // k tokens per passage
   model.dtype                     compute dtype ('float32' or 'bfloat16'); parameters stay float32
+
+A schema: it imports nothing of the library but `fido.errors`, so the model can read it. The
+sections every experiment has are assembled above the library, in `fido.experiment`.
 """
 
+import glob
+import importlib.util
+import os
 from typing import Any, Mapping, NamedTuple, Sequence
 
 import ml_collections
@@ -219,32 +225,8 @@ def bench_config(setting: str = 'paper') -> ml_collections.ConfigDict:
       **settings[setting]))
 
 
-def default_config() -> ml_collections.ConfigDict:
-  """The sections every experiment has; experiment files fill in `model` and override the rest."""
-  # Each section's defaults live beside the code that reads them.
-  from fido import convert_fido, evaluate, optim, sharding, train, train_step  # pylint: disable=g-import-not-at-top
-  from fido.data import sources  # pylint: disable=g-import-not-at-top
-  train_config = train_step.default_config()
-  train_config.update(train.default_loop_config())
-  return ml_collections.ConfigDict(dict(
-      name='',
-      model=model_config('tiny'),
-      data=sources.default_data_config(),
-      train=train_config,
-      optimizer=optim.default_config(),
-      init=train.default_init_config(),
-      sharding=sharding.default_config(),
-      eval=evaluate.default_config(),
-      bench=bench_config('paper'),
-      convert=convert_fido.default_config(),
-  ))
-
-
 def load_config_module(path: str) -> Any:
   """The config file at `path` as a module (its get_config, VARIANTS, docstring, ...)."""
-  import glob  # pylint: disable=g-import-not-at-top
-  import importlib.util  # pylint: disable=g-import-not-at-top
-  import os  # pylint: disable=g-import-not-at-top
   if not os.path.isfile(path):
     siblings = glob.glob(os.path.join(os.path.dirname(path), '*.py'))
     raise ConfigError(f'config file {path!r} does not exist{did_you_mean(path, siblings)}')

@@ -19,6 +19,7 @@ import pathlib
 from typing import Any, NamedTuple
 
 import ml_collections
+import ml_dtypes
 import numpy as np
 import safetensors
 from safetensors import safe_open
@@ -74,7 +75,6 @@ def _read_safetensors(path: pathlib.Path) -> dict[str, np.ndarray]:
     names = list(f.keys())
     if all(f.get_slice(n).get_dtype() != 'BF16' for n in names):
       return {n: f.get_tensor(n) for n in names}
-  import ml_dtypes  # a jax dependency
   return {name: np.frombuffer(t['data'], ml_dtypes.bfloat16 if t['dtype'] == 'BF16'
                               else np.dtype(_NP_DTYPES[t['dtype']])).reshape(t['shape'])
           for name, t in safetensors.deserialize(path.read_bytes())}

@@ -2,8 +2,9 @@
 an orbax checkpoint of a FiDO config.model, plus a JSON report of what happened to every tensor.
 
   convert_to_fido(encoder_dir, decoder_dir, config.model) -> (params, report)
-  write_fido_checkpoint(params, config.model, out_dir, report)   out_dir/checkpoints (step 0, params
-                            only) + out_dir/conversion_report.json; fine-tune or uptrain from it with
+  write_fido_checkpoint(params, config.model, out_dir, report, config=config)
+                            out_dir/checkpoints (step 0, params only, `config` saved with them) +
+                            out_dir/conversion_report.json; fine-tune or uptrain from it with
                             config.init.checkpoint=out_dir, config.init.carry_second_moments=False
   run_convert(config)       `run.py --mode=convert`: config.convert (default_config()) + config.model
 
@@ -52,6 +53,8 @@ from fido import checkpoint as checkpoint_lib
 from fido.config import ConfigError, StackSize, cross_attention_layers, validate_model_config
 from fido.convert import (_IGNORED, _TIED_INPUTS, ConversionError, TensorSpec, fid_config_from_hf,
                           hf_to_params, load_hf_t5, tensor_map)
+from fido.data.sources import resolve_data
+from fido.data.tokenizer import load_tokenizer
 from fido.errors import MissingInputError, OutputExistsError
 from fido.model.fid import make_model
 
@@ -417,15 +420,14 @@ def _why_dropped(name, role, config, cross_layers, enc, dec, two, shared_embeddi
 
 def write_fido_checkpoint(params, model_config: ml_collections.ConfigDict, out_dir,
                           report: dict[str, Any] | None = None, *,
-                          config: ml_collections.ConfigDict | None = None, seed: int = 0,
+                          config: ml_collections.ConfigDict, seed: int = 0,
                           overwrite: bool = False) -> pathlib.Path:
   """Writes out_dir/checkpoints (orbax step 0: params, no optimizer state) and the report.
 
-  `config` is the experiment config saved with it (default: fido.config.default_config() with
-  `model_config`); `config.init.checkpoint=out_dir` then starts training from it, with
+  `config` is the experiment config saved with it (e.g. fido.experiment.default_config()), with
+  `model_config` as its model; `config.init.checkpoint=out_dir` then starts training from it, with
   `config.init.carry_second_moments=False` (there are no second moments to carry).
   """
-  from fido.config import default_config as experiment_defaults  # pylint: disable=g-import-not-at-top
   validate_model_config(model_config)
   out = pathlib.Path(out_dir)
   ckpt_dir = out / 'checkpoints'
@@ -434,7 +436,7 @@ def write_fido_checkpoint(params, model_config: ml_collections.ConfigDict, out_d
       raise OutputExistsError(f'{ckpt_dir} already holds a checkpoint; choose another out_dir or '
                               'set config.convert.overwrite=True')
     shutil.rmtree(ckpt_dir)
-  saved = ml_collections.ConfigDict((config or experiment_defaults()).to_dict())
+  saved = ml_collections.ConfigDict(config.to_dict())
   saved.model = ml_collections.ConfigDict(model_config.to_dict())
   saved.init.checkpoint = ''
   state = dict(params=params, opt_state=None, step=np.zeros([], np.int32),
@@ -460,8 +462,6 @@ def run_convert(config: ml_collections.ConfigDict) -> dict[str, Any]:
   if (model.encoder.d_model != model.decoder.d_model and c.cross_kv_init == 'aligned'):
     a = c.alignment
     if a.source == 'corpus':
-      from fido.data.sources import resolve_data  # pylint: disable=g-import-not-at-top
-      from fido.data.tokenizer import load_tokenizer  # pylint: disable=g-import-not-at-top
       data = resolve_data(config.data)
       if not data.corpus or not os.path.isfile(data.corpus):
         raise MissingInputError(f'config.data.corpus={data.corpus!r}: the aligned cross K/V init '

@@ -44,12 +44,15 @@ import os
 import time
 from typing import Any, Mapping, NamedTuple, Sequence
 
+import jax
 import ml_collections
 
 from fido import bench as bench_lib
-from fido import sweep_report
-from fido.sweep_report import slug
+from fido import checkpoint, convert, convert_fido, sweep_report
+from fido import train as train_lib
 from fido.config import ConfigError, load_config_file, validate_model_config
+from fido.model.fid import init_params, make_model
+from fido.sweep_report import slug
 
 MODES = ('bench', 'train')
 BENCH_SECTIONS = ('model', 'bench')                       # what a bench result depends on
@@ -191,9 +194,6 @@ def _same_seed(runs: Sequence[SweepRun], name: str, seed: int | None) -> SweepRu
 def export_hf(run_dir: str, model_config: ml_collections.ConfigDict) -> str:
   """The final parameters of the trained FiD in `run_dir`, as a Hugging Face T5.1.1 directory
   `run_dir/hf` (written once)."""
-  import jax  # pylint: disable=g-import-not-at-top  (heavy; only sweeps that convert need it)
-  from fido import checkpoint, convert  # pylint: disable=g-import-not-at-top
-  from fido.model.fid import init_params, make_model  # pylint: disable=g-import-not-at-top
   hf_dir = os.path.join(run_dir, 'hf')
   if not os.path.isfile(os.path.join(hf_dir, 'config.json')):
     model = make_model(model_config)
@@ -207,7 +207,6 @@ def export_hf(run_dir: str, model_config: ml_collections.ConfigDict) -> str:
 def convert_start(hf_dir: str, config: ml_collections.ConfigDict, out_dir: str) -> dict[str, Any]:
   """Converts `hf_dir` to config.model into `out_dir` (written once) and points config.init at it
   (nothing to carry: a converted checkpoint has no optimizer state). Returns the report counts."""
-  from fido import convert_fido  # pylint: disable=g-import-not-at-top  (heavy, as above)
   report_path = os.path.join(out_dir, convert_fido.REPORT_FILE)
   if not os.path.isfile(report_path):
     params, report = convert_fido.convert_to_fido(hf_dir, None, config.model,
@@ -223,7 +222,6 @@ def convert_start(hf_dir: str, config: ml_collections.ConfigDict, out_dir: str) 
 def run_sweep(config: ml_collections.ConfigDict, workdir: str | None = None, *,
               verbose: bool = True) -> list[dict[str, Any]]:
   """Runs (or resumes) `config.sweep` in `workdir` (default `config.sweep.workdir`); see above."""
-  from fido import train as train_lib  # pylint: disable=g-import-not-at-top
   sweep = config.sweep
   workdir = workdir or sweep.workdir
   modes = parse_modes(sweep.modes)

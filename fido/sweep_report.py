@@ -13,6 +13,8 @@ import re
 from typing import Any, Mapping, Sequence
 
 import ml_collections
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 
 AXIS_LABELS = {'passages': 'retrieved passages', 'target_len': 'target length (tokens)',
                'lsa_period': 'cross-attention period K (LSA)'}
@@ -209,8 +211,6 @@ def _save(fig, path: str) -> str:
 def write_plots(sweep: ml_collections.ConfigDict, results: Sequence[Mapping[str, Any]],
                 workdir: str) -> list[str]:
   """PNGs drawn with matplotlib's Agg canvas (no pyplot, no global backend state)."""
-  from matplotlib.backends.backend_agg import FigureCanvasAgg  # pylint: disable=g-import-not-at-top
-  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
 
   def figure(width, height):
     fig = Figure(figsize=(width, height))

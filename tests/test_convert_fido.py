@@ -14,7 +14,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from fido import convert, convert_fido, optim, train
+from fido import convert, convert_fido, experiment, optim, train
 from fido.config import ConfigError, load_config_file, model_config
 from fido.model.fid import make_model
 from fido.train_step import init_train_state, make_train_step
@@ -388,10 +388,11 @@ def test_checkpoint_restores_and_fine_tuning_starts_from_it(deep, tmp_path):
   directory, source, _ = deep
   target = fido_target(source)
   params, report = convert_fido.convert_to_fido(directory, None, target)
-  out = convert_fido.write_fido_checkpoint(params, target, tmp_path / 'fido', report)
+  saved = experiment.default_config()
+  out = convert_fido.write_fido_checkpoint(params, target, tmp_path / 'fido', report, config=saved)
   assert json.loads((out / 'conversion_report.json').read_text())['counts'] == report['counts']
   with pytest.raises(FileExistsError, match='already holds a checkpoint'):
-    convert_fido.write_fido_checkpoint(params, target, out, report)
+    convert_fido.write_fido_checkpoint(params, target, out, report, config=saved)
 
   config = load_config_file(os.path.join(REPO, 'experiments/embedded.py:fido,smoke'))
   config.model = target

@@ -11,6 +11,7 @@ import pytest
 
 from fido import config as fido_config
 from fido import evaluate
+from fido import experiment
 from fido.checkpoint import Checkpointer
 from fido.config import ConfigError
 from fido.data import features, synthetic
@@ -40,7 +41,7 @@ def dev(paths):
 
 
 def _config(paths, tokenizer, **model_kwargs):
-  config = fido_config.default_config()
+  config = experiment.default_config()
   config.model = fido_config.model_config('tiny', vocab_size=tokenizer.vocab_size, **model_kwargs)
   config.data = ml_collections.ConfigDict(dict(
       tokenizer=paths.tokenizer, train=paths.train, dev=paths.dev, test=paths.test, **LENGTHS))

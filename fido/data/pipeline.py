@@ -28,6 +28,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import grain
+import jax
 import numpy as np
 
 from fido.data import features, span_corruption
@@ -94,7 +95,6 @@ class _AsQA(grain.transforms.Map):
 
 def _shard(shard_index: int | None, shard_count: int | None) -> tuple[int, int]:
   if shard_index is None and shard_count is None:
-    import jax  # only where the process layout is needed
     return jax.process_index(), jax.process_count()
   if shard_index is None or shard_count is None or not 0 <= shard_index < shard_count:
     raise DataError(f"bad shard: index {shard_index} of {shard_count}")
