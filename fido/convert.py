@@ -26,16 +26,13 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from fido.config import SIZES, StackSize, cross_attention_layers, model_config, validate_model_config
-from fido.errors import CheckpointError, UserError
+from fido.errors import CheckpointError, ConversionError
+from fido.model.kv_heads import kv_shape
 
 CONFIG_FILE, WEIGHTS_FILE, INDEX_FILE = 'config.json', 'model.safetensors', 'model.safetensors.index.json'
 # Tensors HF itself ignores or ties to `shared.weight`; accepted only as exact copies of it (or ignored).
 _IGNORED = frozenset({'decoder.block.0.layer.1.EncDecAttention.relative_attention_bias.weight'})
 _TIED_INPUTS = ('encoder.embed_tokens.weight', 'decoder.embed_tokens.weight')
-
-
-class ConversionError(UserError, ValueError):
-  """A checkpoint that cannot be converted; the message names the file, tensor or config field."""
 
 
 # ---------------------------------------------------------------- reading HF checkpoints
@@ -205,7 +202,7 @@ def _role_shapes(role, stack, kv_heads, d_in):
   """(HF shape, our shape) of one layer tensor; `d_in` is the width k/v project from."""
   d, f, h, e = stack.d_model, stack.d_ff, stack.num_heads, stack.d_kv
   if role == 'kv':
-    return (kv_heads * e, d_in), ((d_in, e) if kv_heads == 1 else (d_in, kv_heads, e))
+    return (kv_heads * e, d_in), kv_shape(d_in, kv_heads, e)
   return {'norm': ((d,), (d,)), 'q': ((h * e, d), (d, h, e)), 'o': ((d, h * e), (h, e, d)),
           'wi': ((f, d), (d, f)), 'wo': ((d, f), (f, d))}[role]
 

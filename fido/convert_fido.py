@@ -15,6 +15,7 @@ consumed); the target's parameters, walked with the same `tensor_map`, are then 
       the group whose query heads share them in fido.model.attention (query head h -> kv head
       h // (H/K)). GQA (Ainslie et al., 2023, §2.1, and its conversion ablation): mean-pooling beats
       keeping the first head of each group or random init. Any stack: decoder self/cross, encoder.
+      The layout and the pooling are fido.model.kv_heads' (here with float64 accumulation).
   layer-sparse cross-attention  decoder layer i (1-based) keeps its cross-attention iff i % K == 0
       (FiDO §3.1); the other layers' cross-attention and pre-cross-attention norms are dropped.
   asymmetric  encoder stack from encoder_dir, decoder stack and output layer from decoder_dir
@@ -56,6 +57,7 @@ from fido.convert import (_IGNORED, _TIED_INPUTS, ConversionError, TensorSpec, f
 from fido.data.sources import resolve_data
 from fido.data.tokenizer import load_tokenizer
 from fido.errors import MissingInputError, OutputExistsError
+from fido.model import kv_heads
 from fido.model.fid import make_model
 
 _LOG = logging.getLogger(__name__)
@@ -127,55 +129,9 @@ def _check_sources(target, enc: _Source, dec: _Source) -> None:
 # ---------------------------------------------------------------------------- transforms
 
 
-def mean_pool_heads(w: np.ndarray, num_kv_heads: int) -> np.ndarray:
-  """[D, H, E] key/value heads -> [D, K, E] ([D, E] for K = 1): the mean of each group of H/K
-  adjacent heads (GQA §2.1), the heads whose queries share kv head k in fido.model.attention."""
-  d, h, e = w.shape
-  if h % num_kv_heads:
-    raise ConversionError(f'{h} heads cannot be pooled into {num_kv_heads} groups')
-  pooled = w.reshape(d, num_kv_heads, h // num_kv_heads, e).mean(axis=2, dtype=np.float64)
-  pooled = pooled.astype(np.float32)
-  return pooled[:, 0] if num_kv_heads == 1 else pooled
-
-
-def _kv_heads(shape: tuple[int, ...]) -> int:
-  return 1 if len(shape) == 2 else shape[1]
-
-
-def _is_kv_projection(path) -> bool:
-  """Whether a tree path ends in an attention module's key or value projection ('.../attention'
-  module, then 'key' or 'value'), in a params tree or in an optimizer state mirroring one."""
-  names = [getattr(entry, 'key', None) for entry in path[-2:]]
-  return (len(names) == 2 and isinstance(names[0], str) and names[0].endswith('attention')
-          and names[1] in ('key', 'value'))
-
-
-def pool_kv_heads(source: Any, target: Any) -> Any:
-  """`source` reshaped into `target`'s shapes: key/value heads mean-pooled, everything else copied.
-
-  `source` is a params tree, or an optimizer state mirroring one (second moments, momentum), of a
-  model with more key/value heads than `target`'s model and otherwise the same shapes; `target` is
-  the matching tree of arrays or jax.ShapeDtypeStructs. Each [D, H, E] key/value leaf becomes
-  [D, K, E] ([D, E] for K = 1) by averaging groups of H/K adjacent heads, as `mean_pool_heads`: GQA
-  uptraining (Ainslie et al., 2023), how FiDO turns multi-head T5 into multi-query. The result has
-  `target`'s dtypes and, where `target` carries them, its shardings. Any other shape mismatch
-  raises ConversionError naming the leaf.
-  """
-  def convert(path, src, dst):
-    src_shape, dst_shape = tuple(src.shape), tuple(dst.shape)
-    if src_shape != dst_shape:
-      d, h, e = src_shape if len(src_shape) == 3 else (None, None, None)
-      k = _kv_heads(dst_shape) if len(dst_shape) in (2, 3) else None
-      if not (_is_kv_projection(path) and h and k and h % k == 0
-              and (d, e) == (dst_shape[0], dst_shape[-1])):
-        raise ConversionError(f'{jax.tree_util.keystr(path)}: shape {src_shape} cannot become '
-                              f'{dst_shape}; only key/value heads [D, H, E] -> [D, K, E] or [D, E] '
-                              'can be pooled, every other shape must match')
-      src = jnp.mean(jnp.reshape(src, (d, k, h // k, e)), axis=2).reshape(dst_shape)
-    out = jnp.asarray(src, dst.dtype)
-    sharding = getattr(dst, 'sharding', None)
-    return jax.device_put(out, sharding) if sharding is not None else out
-  return jax.tree_util.tree_map_with_path(convert, source, target)
+def _pool(w_DxHxE: np.ndarray, num_kv_heads: int) -> np.ndarray:
+  """fido.model.kv_heads.pool_heads of a checkpoint tensor: float64 accumulation, float32 out."""
+  return kv_heads.pool_heads(w_DxHxE, num_kv_heads, accumulate_dtype=np.float64, dtype=np.float32)
 
 
 def _encoder_outputs(src: _Source, ids_NxL: np.ndarray, mask_NxL: np.ndarray, batch_size: int):
@@ -321,23 +277,23 @@ def convert_to_fido(encoder_dir, decoder_dir, config: ml_collections.ConfigDict,
     src_spec = src.by_hf[hf_name]
     w = src.params[src_spec.module][src_spec.param]
     origin = f'{src.directory}:{_file_name(src, hf_name)}'
-    new_cross_kv = (spec.param in ('key', 'value') and 'cross_attention' in spec.module
-                    and w.shape[0] != spec.shape[0])
+    is_kv = spec.param in kv_heads.KV_PARAMS
+    k = kv_heads.num_kv_heads_of(spec.shape) if is_kv else None
+    new_cross_kv = is_kv and 'cross_attention' in spec.module and w.shape[0] != spec.shape[0]
     row = dict(name=f'{spec.module}/{spec.param}', shape=list(spec.shape))
     if new_cross_kv and alignment is not None:
-      pooled = mean_pool_heads(w, _kv_heads(spec.shape))
-      value = np.einsum('ab,b...->a...', alignment, pooled).astype(np.float32)
+      value = np.einsum('ab,b...->a...', alignment, _pool(w, k)).astype(np.float32)
       action, hf_action = 'initialized', 'projected'
       row.update(init='aligned', source=[origin])
     elif new_cross_kv:
       value = rng.normal(0.0, d_enc**-0.5, spec.shape).astype(np.float32)
       action, hf_action = 'initialized', None
       row.update(init='random', std=d_enc**-0.5, source=[])
-    elif spec.param in ('key', 'value') and _kv_heads(spec.shape) != w.shape[1]:
-      value = mean_pool_heads(w, _kv_heads(spec.shape))
+    elif is_kv and k != w.shape[1]:
+      value = _pool(w, k)
       action = hf_action = 'pooled'
-      row.update(source=[origin], heads=f'{w.shape[1]} -> {_kv_heads(spec.shape)} (mean of groups of '
-                 f'{w.shape[1] // _kv_heads(spec.shape)} adjacent heads)')
+      row.update(source=[origin], heads=f'{w.shape[1]} -> {k} (mean of groups of '
+                 f'{w.shape[1] // k} adjacent heads)')
     else:
       if tuple(w.shape) != spec.shape:  # unreachable after _check_sources; kept as a guard
         raise ConversionError(f'{origin} has shape {w.shape}, expected {spec.shape} for {row["name"]}')

@@ -35,6 +35,10 @@ class OutputExistsError(UserError, FileExistsError):
   """An output location already holds something that must not be overwritten."""
 
 
+class ConversionError(UserError, ValueError):
+  """A checkpoint that cannot be converted; the message names the file, tensor or config field."""
+
+
 def did_you_mean(name: str, candidates: Iterable[str]) -> str:
   """' (did you mean "x"?)' for the closest candidate, or '' when none is close."""
   close = difflib.get_close_matches(name, [str(c) for c in candidates], n=1, cutoff=0.6)

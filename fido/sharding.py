@@ -8,8 +8,9 @@ Rules are an ordered list of (regex, PartitionSpec) over Haiku parameter paths
 "module/path/param_name", e.g. 'decoder/~/layer_01/~/cross_attention/query'. A rule matches a
 parameter when its regex `re.search`es the path AND its spec has the parameter's rank
 (PartitionSpec() means replicated and fits any rank): this is how multi-query key/value [D, E]
-and grouped/multi-head key/value [D, K, E] get different rules. The first matching rule wins; a parameter that no rule
-matches is an error naming its path -- never a silent replication.
+and grouped/multi-head key/value [D, K, E] (the layouts of fido.model.kv_heads) get different
+rules. The first matching rule wins; a parameter that no rule matches is an error naming its
+path -- never a silent replication.
 
 Indivisible dimensions: a dimension whose size is not a multiple of its mesh axes' size is
 replicated instead (logged as a warning naming the parameters), or, with strict=True, an error.
@@ -38,6 +39,7 @@ from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from fido.config import ConfigError
+from fido.model import kv_heads
 from fido.model.fid import FiDFunctions
 from fido.train_step import Batch, TrainState, init_train_state
 
@@ -53,8 +55,9 @@ RULES: Rules = (
     (r'_norm/scale$', P()),                                                # [D]
     (r'attention/query$', P(None, MODEL, None)),                           # [D, H, E]: heads
     (r'attention/output$', P(MODEL, None, None)),                          # [H, E, D]: heads
-    (r'attention/(key|value)$', P(None, None)),                            # MQ [D, E]: one head
-    (r'attention/(key|value)$', P(None, MODEL, None)),                     # GQA/MHA [D, K, E]: K
+    # Key/value: kv_heads' layouts, rank-matched; MQ [D, E] replicated, GQA/MHA [D, K, E] by K.
+    *((r'attention/(key|value)$', P(*(MODEL if a == 'kv_heads' else None for a in axes)))
+      for axes in (kv_heads.MULTI_QUERY_AXES, kv_heads.GROUPED_AXES)),
     (r'mlp/wi_[01]$', P(None, MODEL)),                                     # [D, F]: d_ff
     (r'mlp/wo$', P(MODEL, None)),                                          # [F, D]: d_ff
 )

@@ -16,7 +16,7 @@ by `lr_cut`; at most `max_rollbacks` times.
 Uptraining from multi-head attention (`config.train.mha_steps` = N > 0; a no-op for models without
 multi-query or grouped-query attention): steps [0, N) train the model's multi-head twin (every
 key/value head count = its query heads) in `workdir/multi_head/`, a run of its own; at step N its
-params and optimizer state are mean-pooled into config.model's key/value heads (`pool_kv_heads`)
+params and optimizer state are mean-pooled into config.model's key/value heads (fido.model.kv_heads)
 and the run continues in `workdir` with the same data stream. This is how multi-query FiDO is made
 from multi-head T5 (FiDO §3.2; GQA uptraining, Ainslie et al., 2023), here within one run.
 """
@@ -42,12 +42,12 @@ from fido import optim
 from fido import sharding
 from fido import train_step as train_step_lib
 from fido.config import ConfigError
-from fido.convert_fido import pool_kv_heads
 from fido.data import features, fid_format, pipeline
 from fido.data.errors import DataError
 from fido.data.sources import resolve_data
 from fido.data.tokenizer import Tokenizer, load_tokenizer
 from fido.errors import MissingInputError, WorkdirError
+from fido.model import kv_heads
 from fido.model.fid import make_model
 
 _LOG = logging.getLogger(__name__)
@@ -415,9 +415,7 @@ def multi_head_twin(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
   """The run before uptraining: config.model with every attention multi-head, trained for
   config.train.mha_steps steps (with the same data, optimizer and seed), no final evaluation."""
   twin = ml_collections.ConfigDict(config.to_dict())
-  for stack in (twin.model.encoder, twin.model.decoder):
-    stack.num_kv_heads = stack.num_heads
-  twin.model.decoder.cross_num_kv_heads = twin.model.decoder.num_heads
+  twin.model = kv_heads.multi_head(config.model)
   twin.train.update(steps=config.train.mha_steps, mha_steps=0, final_eval_split='')
   return twin
 
@@ -433,7 +431,7 @@ def validate_mha_steps(config: ml_collections.ConfigDict) -> None:
 def uptrains(config: ml_collections.ConfigDict) -> bool:
   """Whether the run starts as its multi-head twin: mha_steps > 0 and config.model has multi-query
   or grouped-query attention somewhere (for an all-multi-head model, mha_steps changes nothing)."""
-  return bool(config.train.mha_steps) and multi_head_twin(config).model != config.model
+  return bool(config.train.mha_steps) and kv_heads.multi_head(config.model) != config.model
 
 
 def train_then_pool_multi_head(config: ml_collections.ConfigDict, workdir: str,
@@ -457,8 +455,8 @@ def train_then_pool_multi_head(config: ml_collections.ConfigDict, workdir: str,
   _LOG.info('step %d: mean-pooled the key/value heads of %s into config.model', restored.step,
             twin_dir)
   return train_step_lib.TrainState(
-      params=pool_kv_heads(twin_state.params, state.params),
-      opt_state=pool_kv_heads(twin_state.opt_state, state.opt_state),
+      params=kv_heads.pool_kv_heads(twin_state.params, state.params),
+      opt_state=kv_heads.pool_kv_heads(twin_state.opt_state, state.opt_state),
       step=jax.device_put(twin_state.step, state.step.sharding),
       rng=jax.device_put(twin_state.rng, state.rng.sharding))
 

@@ -72,58 +72,7 @@ def fido_target(source, kv=1, cross_kv=1, period=2):
   return target
 
 
-# ---------------------------------------------------------------- pooling
-
-
-def test_mean_pooling_hand_case():
-  # D=1, H=4 heads, E=2: head h holds [h, 10 h] (+ 100 for the second input row).
-  w = np.array([[[0, 0], [1, 10], [2, 20], [3, 30]],
-                [[100, 100], [101, 110], [102, 120], [103, 130]]], np.float32)
-  np.testing.assert_array_equal(convert_fido.mean_pool_heads(w, 2),
-                                [[[0.5, 5], [2.5, 25]], [[100.5, 105], [102.5, 125]]])
-  np.testing.assert_array_equal(convert_fido.mean_pool_heads(w, 1), [[1.5, 15], [101.5, 115]])
-  np.testing.assert_array_equal(convert_fido.mean_pool_heads(w, 4), w)
-  with pytest.raises(convert.ConversionError, match='4 heads cannot be pooled into 3'):
-    convert_fido.mean_pool_heads(w, 3)
-
-
-def test_pool_kv_heads_turns_a_multi_head_state_into_a_multi_query_one():
-  mha = custom(cross_attention_period=2, dec_overrides=dict(num_layers=4))
-  mq = custom(cross_attention_period=2, decoder_kv_heads=1, cross_kv_heads=1,
-              dec_overrides=dict(num_layers=4))
-  mq.encoder.num_kv_heads = 2
-  src, dst = init_params(mha, 0), init_params(mq, 1)
-  pooled = convert_fido.pool_kv_heads(src, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), dst))
-  assert jax.tree.map(jnp.shape, pooled) == jax.tree.map(jnp.shape, dst)
-  kv = 0
-  for path, value in flat(pooled).items():
-    module, name = path.rsplit('/', 1)
-    w = src[module][name]
-    if w.shape == value.shape:
-      np.testing.assert_array_equal(value, w)
-    else:
-      heads = 2 if module.startswith('encoder') else 1
-      np.testing.assert_allclose(value, convert_fido.mean_pool_heads(w, heads), rtol=1e-5, atol=1e-7)
-      kv += 1
-  assert kv == 2 * (2 + 4 + 2)  # key and value: 2 encoder layers, 4 self-, 2 cross-attention
-
-  # An optimizer state mirroring the params pools the same way (here: Adafactor's second moments).
-  optimizer_config = optim.default_config()
-  optimizer_config.name = 'fido_adafactor'
-  opt = optim.make_optimizer(optimizer_config)
-  src_opt = jax.tree.map(lambda x: x + 1.0, opt.init(src))
-  pooled_opt = convert_fido.pool_kv_heads(src_opt, opt.init(dst))
-  v = optim._find_factored_state(pooled_opt, 'pooled').v  # pylint: disable=protected-access
-  key = 'decoder/~/layer_01/~/cross_attention'
-  np.testing.assert_allclose(v[key]['key'], convert_fido.mean_pool_heads(
-      np.asarray(optim._find_factored_state(src_opt, 'src').v[key]['key']), 1), rtol=1e-5)  # pylint: disable=protected-access
-
-
-def test_pool_kv_heads_refuses_other_shape_changes():
-  src = init_params(custom(), 0)
-  dst = init_params(custom(dec_overrides=dict(d_ff=96)), 0)
-  with pytest.raises(convert.ConversionError, match=r"mlp'\]\['wi_0'\]: shape \(32, 64\) cannot become \(32, 96\)"):
-    convert_fido.pool_kv_heads(src, dst)
+# ---------------------------------------------------------------- pooling (tests/test_kv_heads.py)
 
 
 def test_multi_and_grouped_query_heads_are_mean_pooled(deep):

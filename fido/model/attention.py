@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import jmp
 
+from fido.model import kv_heads
 from fido.model.layers import dropout
 
 
@@ -47,12 +48,10 @@ class Attention(hk.Module):
     self.policy = policy
 
   def _kv_param(self, name: str, d_in: int) -> jax.Array:
-    """A key or value projection as [D, K, E]; stored without the head axis when K == 1."""
-    init = hk.initializers.RandomNormal(d_in**-0.5)
-    if self.num_kv_heads == 1:
-      w_DxE = hk.get_parameter(name, [d_in, self.d_kv], jnp.float32, init=init)
-      return w_DxE[:, None, :]
-    return hk.get_parameter(name, [d_in, self.num_kv_heads, self.d_kv], jnp.float32, init=init)
+    """A key or value projection as [D, K, E], stored in fido.model.kv_heads' layout."""
+    shape = kv_heads.kv_shape(d_in, self.num_kv_heads, self.d_kv)
+    w = hk.get_parameter(name, shape, jnp.float32, init=hk.initializers.RandomNormal(d_in**-0.5))
+    return w.reshape(d_in, self.num_kv_heads, self.d_kv)
 
   def project_kv(self, x_BxSxD: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Keys [B, K, E, S] and values [B, K, S, E] of `x` (the encoder output for cross-attention)."""
