@@ -41,7 +41,7 @@ def main(argv):
   elif _MODE.value == 'train':
     import json  # pylint: disable=g-import-not-at-top
     from fido import train  # pylint: disable=g-import-not-at-top
-    print(json.dumps(train.train(config, _WORKDIR.value, overwrite=_OVERWRITE.value)))
+    print(json.dumps(train.run_train(config, _WORKDIR.value, overwrite=_OVERWRITE.value)))
   elif _MODE.value == 'eval':
     from fido import evaluate  # pylint: disable=g-import-not-at-top
     evaluate.run_eval(config)

@@ -65,7 +65,7 @@ def timed(name, fn, results, args):
 def pretrain_and_export(args, model: str, suffix: str = '') -> dict:
   config = get('pretrain', args.root, args, steps=args.pretrain_steps, batch=args.batch, model=model)
   workdir = os.path.join(args.root, 'pretrain' + suffix)
-  result = train.train(config, workdir)
+  result = train.run_train(config, workdir)
   model = make_model(config.model)
   abstract = jax.eval_shape(lambda: init_params(model, jax.random.PRNGKey(0)))
   with checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'), read_only=True) as ckpt:
@@ -85,7 +85,7 @@ def convert_stage(root, args, **variant) -> dict:
 
 def finetune(root, args, workdir_name='finetune', **variant) -> dict:
   config = get('finetune', root, args, steps=args.finetune_steps, batch=args.batch, **variant)
-  result = train.train(config, os.path.join(root, workdir_name))
+  result = train.run_train(config, os.path.join(root, workdir_name))
   return {k: v for k, v in result.items() if k.startswith('test_') or k in ('step', 'train_seconds')}
 
 
@@ -131,7 +131,7 @@ def main():
     root = os.path.join(args.root, 'b-fido-uptrained')
     timed('b_convert', lambda: convert_stage(root, args, **fido), results, args)
     config = get('uptrain', root, args, fraction=args.fraction, batch=args.batch, **fido)
-    timed('b_uptrain', lambda: {k: v for k, v in train.train(
+    timed('b_uptrain', lambda: {k: v for k, v in train.run_train(
         config, os.path.join(root, 'uptrain')).items() if k in ('step', 'train_seconds')},
           results, args)
     timed('b_fido_uptrained_finetune',
@@ -147,7 +147,7 @@ def main():
       config = get('finetune', root, args, steps=args.finetune_steps, batch=args.batch, fraction=0,
                    **fido)
       config.init.checkpoint = ''
-      result = train.train(config, os.path.join(root, 'finetune'))
+      result = train.run_train(config, os.path.join(root, 'finetune'))
       return {k: v for k, v in result.items() if k.startswith('test_') or k in ('step', 'train_seconds')}
     timed('d_fido_scratch_finetune', scratch, results, args)
   summary = {k: results[k].get('test_exact_match') for k in results if k.endswith('finetune')}

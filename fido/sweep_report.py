@@ -147,7 +147,7 @@ def bench_markdown(sweep: ml_collections.ConfigDict, results: Sequence[Mapping[s
               'batch).']
   if trained:
     lines += ['', 'EM: exact match on the synthetic retrieval-QA test split after training each '
-              'run (fido.train.train; runs that differ only in the benchmark share one training), '
+              'run (fido.train.run_train; runs that differ only in the benchmark share one training), '
               'the mean over seeds where there are several.']
   return lines + ['']
 
@@ -181,7 +181,7 @@ def quality_markdown(results: Sequence[Mapping[str, Any]]) -> list[str]:
     lines.append(f'| {row["name"]} | {seeds} | {per_seed} | {row["em_mean"]:.3f} ± '
                  f'{row["em_std"]:.3f} | {row["em_min"]:.3f} | {row["f1_mean"]:.3f} | '
                  f'{row["train_seconds"]:.0f} |')
-  return ['Exact match on the test split after training (`fido.train.train`), per seed of '
+  return ['Exact match on the test split after training (`fido.train.run_train`), per seed of '
           '`config.train.seed` (parameter init, data order, dropout); ± is the sample standard '
           'deviation over seeds.', ''] + lines + ['']
 

@@ -14,7 +14,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from fido import convert, convert_fido, experiment, optim, train
+from fido import convert, convert_fido, experiment, optim, start
 from fido.config import ConfigError, load_config_file, model_config
 from fido.model.fid import make_model
 from fido.train_step import init_train_state, make_train_step
@@ -351,7 +351,7 @@ def test_checkpoint_restores_and_fine_tuning_starts_from_it(deep, tmp_path):
   batch = {'passage_ids': np.full((2, 2, 6), 5, np.int32), 'passage_mask': np.ones((2, 2, 6), bool),
            'target_ids': np.full((2, 3), 7, np.int32), 'target_mask': np.ones((2, 3), bool)}
   fresh = jax.jit(lambda: init_train_state(model, optimizer, jax.random.PRNGKey(0), batch))()
-  state = train.init_from_pretrained(config, fresh, optimizer)
+  state = start.init_from_pretrained(config, fresh, optimizer)
   for name, value in flat(params).items():
     module, param = name.rsplit('/', 1)
     np.testing.assert_array_equal(np.asarray(state.params[module][param]), value)
@@ -359,7 +359,7 @@ def test_checkpoint_restores_and_fine_tuning_starts_from_it(deep, tmp_path):
   assert int(state.step) == 1 and np.isfinite(float(metrics['loss']))
   config.init.carry_second_moments = True  # a converted checkpoint has no optimizer state
   with pytest.raises(ValueError, match='cannot carry second moments over: .*no optimizer state'):
-    train.init_from_pretrained(config, fresh, optimizer)
+    start.init_from_pretrained(config, fresh, optimizer)
 
 
 def test_run_convert_with_the_uptrain_config(deep, tmp_path):

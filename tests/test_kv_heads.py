@@ -54,7 +54,8 @@ def test_the_model_and_the_sharding_rules_follow_the_layout():
   config = custom(cross_attention_period=2, decoder_kv_heads=2, cross_kv_heads=1,
                   dec_overrides=dict(num_layers=4))
   ids = np.zeros((1, 1, 4), np.int32)
-  abstract = jax.eval_shape(make_model(config).init, jax.random.PRNGKey(0), ids, ids != 0, ids[:, 0])
+  abstract = jax.eval_shape(make_model(config).init, jax.random.PRNGKey(0), ids, ids != 0,
+                            ids[:, 0])
   shapes = {k: v.shape for k, v in flat(abstract).items()}
   d, e = config.decoder.d_model, config.decoder.d_kv
   assert shapes['decoder/~/layer_00/~/self_attention/key'] == kv_heads.kv_shape(d, 2, e)

@@ -104,7 +104,7 @@ def test_train_mode_trains_each_distinct_model_once(tmp_path, monkeypatch):
     trained.append((config.name, workdir))
     return dict(workdir=workdir, step=config.train.steps, test_exact_match=0.25, test_f1=0.5)
 
-  monkeypatch.setattr(train_lib, 'train', fake_train)
+  monkeypatch.setattr(train_lib, 'run_train', fake_train)
   runs = [run('A'), run('B', {'bench.target_len': 8}),
           run('C', {'model.decoder.cross_attention_period': 1})]
   config = sweep_config(tmp_path, runs, modes='bench,train',
@@ -131,7 +131,7 @@ def test_seeds_train_every_run_once_per_seed_and_report_mean_and_std(tmp_path, m
     em = {'A': 0.9, 'B': 0.5}[config.name[-1]] + 0.01 * config.train.seed
     return dict(workdir=workdir, step=1, test_exact_match=em, test_f1=em, train_seconds=10.0)
 
-  monkeypatch.setattr(train_lib, 'train', fake_train)
+  monkeypatch.setattr(train_lib, 'run_train', fake_train)
   runs = [run('A'), run('B', {'model.decoder.cross_attention_period': 1}, init_from='A')]
   config = sweep_config(tmp_path, runs, modes='bench,train', base='experiments/embedded.py:fido',
                         train_base='experiments/embedded.py:fido,smoke', seeds=(0, 1, 2))
@@ -166,7 +166,7 @@ def test_seeds_train_every_run_once_per_seed_and_report_mean_and_std(tmp_path, m
 
 
 def test_bad_references_and_seeds_fail_before_anything_runs(tmp_path, monkeypatch):
-  monkeypatch.setattr(train_lib, 'train', lambda *a: pytest.fail('trained'))
+  monkeypatch.setattr(train_lib, 'run_train', lambda *a: pytest.fail('trained'))
   for runs, message in (([run('A', init_from='B'), run('B')], "init_from='B' is not the name of an earlier run"),
                         ([run('A', convert_from='A')], "convert_from='A'")):
     with pytest.raises(ConfigError, match=message):
@@ -311,3 +311,10 @@ def test_max_batch_caps_the_benchmarked_batch(tmp_path, monkeypatch):
   header, *rows = table_lines(tmp_path)
   assert header.rstrip(' |').endswith('max batch')
   assert rows[0].endswith('| ≥ 8 |') and rows[1].endswith('| 3 |') and '| 3 |' in rows[1]
+
+
+def test_results_stored_with_retired_config_fields_still_match():
+  changed = sweep._changed_fields  # pylint: disable=protected-access
+  stored = {'train': {'steps': 4, 'debug_nan_at_step': -1, 'debug_step_delay': 0.0}}
+  assert changed(stored, {'train': {'steps': 4}}, ['train']) == []
+  assert changed(stored, {'train': {'steps': 5}}, ['train']) == ['config.train.steps']

@@ -1,0 +1,69 @@
+"""A training run's workdir: its config.json (one run per workdir) and its metrics.jsonl."""
+
+import json
+import os
+import shutil
+from typing import Any
+
+import jax
+import ml_collections
+
+from fido.errors import WorkdirError
+
+
+def _comparable(config: ml_collections.ConfigDict) -> dict:
+  """The parts of a config that define a run (not its length, logging or evaluation)."""
+  d = config.to_dict()
+  for section, fields in (('train', ('steps', 'log_every', 'eval_every', 'eval_examples',
+                                     'progress', 'checkpoint_every')),
+                          ('eval', None), ('bench', None)):
+    if fields is None:
+      d.pop(section, None)
+    else:
+      for field in fields:
+        d.get(section, {}).pop(field, None)
+  return json.loads(json.dumps(d, default=str))
+
+
+def prepare_workdir(config: ml_collections.ConfigDict, workdir: str, overwrite: bool) -> None:
+  """Refuses to mix two different runs in one workdir; `overwrite` wipes it (a fresh start).
+
+  Only a workdir holding a run's config.json is ever wiped (never, say, a mistyped `--workdir=.`).
+  """
+  path = os.path.join(workdir, 'config.json')
+  if overwrite and os.path.exists(path):
+    shutil.rmtree(workdir)
+  elif os.path.exists(path):
+    with open(path) as f:
+      previous = json.load(f)
+    if previous != _comparable(config):
+      changed = sorted(k for k in set(previous) | set(_comparable(config))
+                       if previous.get(k) != _comparable(config).get(k))
+      raise WorkdirError(f'workdir {workdir!r} holds a different run (config sections differ: '
+                         f'{changed}); use another --workdir or pass --overwrite to replace it')
+  os.makedirs(workdir, exist_ok=True)
+  with open(path, 'w') as f:
+    json.dump(_comparable(config), f, indent=1, sort_keys=True)
+
+
+class MetricsWriter:
+  """metrics.jsonl: one JSON line per logged step and per event (evaluation, rollback)."""
+
+  def __init__(self, workdir: str):
+    self.path = os.path.join(workdir, 'metrics.jsonl')
+
+  def write(self, **record: Any) -> None:
+    if jax.process_index() == 0:
+      with open(self.path, 'a') as f:
+        f.write(json.dumps(record, default=float) + '\n')
+
+  def find(self, step: int, event: str) -> dict[str, Any] | None:
+    """The fields (less step and event) of the last record of `event` at `step`, if any."""
+    found = None
+    if os.path.exists(self.path):
+      with open(self.path) as f:
+        for line in f:
+          record = json.loads(line)
+          if record.get('step') == step and record.get('event') == event:
+            found = {k: v for k, v in record.items() if k not in ('step', 'event')}
+    return found
