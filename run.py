@@ -5,6 +5,7 @@ Config fields can be overridden from the command line, e.g. `--config.bench.repe
 A mistake in the input exits with status 2 and one line on stderr (`fido.cli`).
 """
 
+import json
 import sys
 
 from absl import flags
@@ -20,8 +21,9 @@ _CONFIG = config_flags.DEFINE_config_file('config', cli.DEFAULT_CONFIG,
                                           'Experiment config file[:argument].')
 _MODE = flags.DEFINE_enum('mode', 'train', list(cli.MODES), 'What to run.')
 _WORKDIR = flags.DEFINE_string('workdir', 'workdirs/embedded-fido',
-                               'train: where checkpoints, metrics and the config go; sweep: the '
-                               'results directory (default: config.sweep.workdir).')
+                               'train and eval: the run\'s directory (checkpoints, metrics, the '
+                               'config; eval writes eval_<split>/ there); sweep: the results '
+                               'directory (default: config.sweep.workdir).')
 _OVERWRITE = flags.DEFINE_bool('overwrite', False,
                                'train: start afresh, deleting what the workdir holds (else a '
                                'run resumes, and a different run there is refused).')
@@ -36,29 +38,40 @@ def main(argv):
   if not flags.FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO; -v 0 shows it
   config = _CONFIG.value
-  if _MODE.value == 'show_config':
+  mode, workdir_given = _MODE.value, flags.FLAGS['workdir'].present
+  if mode == 'show_config':
     print(config)
-  elif _MODE.value == 'train':
-    import json  # pylint: disable=g-import-not-at-top
+  elif mode == 'train':
     from fido import train  # pylint: disable=g-import-not-at-top
-    print(json.dumps(train.run_train(config, _WORKDIR.value, overwrite=_OVERWRITE.value)))
-  elif _MODE.value == 'eval':
-    from fido import evaluate  # pylint: disable=g-import-not-at-top
-    evaluate.run_eval(config)
-  elif _MODE.value == 'bench':
+    _print_json(train.run_train(config, _WORKDIR.value, overwrite=_OVERWRITE.value))
+  elif mode == 'eval':
+    from fido import eval_checkpoint  # pylint: disable=g-import-not-at-top
+    _print_json(eval_checkpoint.run_eval(config, _WORKDIR.value, default_workdir=not workdir_given))
+  elif mode == 'bench':
     from fido import bench  # pylint: disable=g-import-not-at-top
-    bench.run_bench(config)
-  elif _MODE.value == 'sweep':
-    from fido import sweep  # pylint: disable=g-import-not-at-top
-    sweep.run_sweep(config, _WORKDIR.value if flags.FLAGS['workdir'].present else None)
-  elif _MODE.value == 'convert':
-    import json  # pylint: disable=g-import-not-at-top
-    from fido import convert_fido  # pylint: disable=g-import-not-at-top
-    print(json.dumps(convert_fido.run_convert(config)))
-  elif _MODE.value == 'analyze':
-    from fido import analysis  # pylint: disable=g-import-not-at-top
-    analysis.run_analyze(config, _DEVICE.value)
+    for result in bench.run_bench(config):  # one line per result as it is measured
+      _print_json(result)
+  elif mode == 'sweep':
+    from fido import sweep, sweep_report  # pylint: disable=g-import-not-at-top
+    results = sweep.run_sweep(config, _WORKDIR.value if workdir_given else None)
+    print(sweep_report.results_markdown(config.sweep, results), flush=True)
+  elif mode == 'convert':
+    from fido import convert_checkpoint  # pylint: disable=g-import-not-at-top
+    _print_json(convert_checkpoint.run_convert(config))
+  elif mode == 'analyze':
+    from fido import analyze  # pylint: disable=g-import-not-at-top
+    results = analyze.run_analyze(config, _DEVICE.value)
+    print(analyze.format_table(results))
+    _print_json(results)
+  elif mode == 'compile_time':
+    from fido import compile_time  # pylint: disable=g-import-not-at-top
+    _print_json(compile_time.compile_times(config))
 
+
+def _print_json(result) -> None:
+  """A mode's result on stdout: one JSON line per dict (a list: one line per element)."""
+  for line in result if isinstance(result, list) else [result]:
+    print(json.dumps(line), flush=True)
 
 if __name__ == '__main__':
   cli.run(main)

@@ -1,16 +1,16 @@
 """The FiDO paper's ablations (de Jong et al., 2022) as sweeps: Tables 3, 4, 6 and Figures 4, 6.
 
   python run.py --mode=sweep --config=experiments/ablations.py:table3           # paper sizes (GPU)
-  python run.py --mode=sweep --config=experiments/ablations.py:table3,runlocal  # 2-core CPU, ~1 min
-  python run.py --mode=sweep --config=experiments/ablations.py:table3,runlocal,train  # + training
+  python run.py --mode=sweep --config=experiments/ablations.py:table3,smoke     # 2-core CPU, ~1 min
+  python run.py --mode=sweep --config=experiments/ablations.py:table3,smoke,train  # + training
   python run.py --mode=sweep --config=experiments/ablations.py:fig6 --workdir=/tmp/fig6
 
-Arguments: the sweep name (table3, table4, table6, fig4, fig6), `runlocal` (tiny models and a small
+Arguments: the sweep name (table3, table4, table6, fig4, fig6), `smoke` (tiny models and a small
 workload: each sweep runs in one to three minutes on a 2-core CPU), `train` (train + evaluate every
-point on the synthetic retrieval-QA data of experiments/embedded.py, its `smoke` settings under
-runlocal, besides the benchmark), `steps=N` (training steps; 0 = the embedded config's),
+point on the synthetic retrieval-QA data of experiments/embedded.py, with its `smoke` settings
+under smoke, besides the benchmark), `steps=N` (training steps; 0 = the embedded config's),
 `mha_steps=M` (with steps=N: the first M of them multi-head, then uptrained; default 0),
-`max_batch=0|1` (cap each run's batch at its `fido.bench.max_batch_search` result; on by default
+`max_batch=0|1` (cap each run's batch at its `fido.max_batch.max_batch_search` result; on by default
 for table3, as the paper's "batch 64 or max"), `workdir=PATH`.
 
 Each sweep below is a function returning its runs: `{name, overrides, paper, group, series, x}`,
@@ -27,13 +27,13 @@ import ml_collections
 
 from fido import config as fido_config
 
-# Base configs: (paper sizes, runlocal). The runlocal FiDO is the embedded default (micro encoder,
+# Base configs: (paper sizes, smoke). The smoke FiDO is the embedded default (micro encoder,
 # mini decoder, LSA-2, MQ); its FiD is micro-micro with cross-attention everywhere and MHA.
 BASES = {
     'fido': ('experiments/fido.py:base-xl,dtype=bfloat16', 'experiments/embedded.py:fido'),
     'fid': ('experiments/fid.py:base,dtype=bfloat16', 'experiments/embedded.py:fid'),
 }
-# What 'Base', 'XL' and LSA-6 stand for at each scale (runlocal: two sizes up is micro -> mini, and
+# What 'Base', 'XL' and LSA-6 stand for at each scale (smoke: two sizes up is micro -> mini, and
 # the decoders are too shallow for period 6).
 SCALE = {
     False: dict(enc='base', dec='xl', lsa=6),
@@ -111,7 +111,7 @@ def table6(local: bool = False) -> list[dict[str, Any]]:
 def fig4(local: bool = False) -> list[dict[str, Any]]:
   """Figure 4: FiDO Base-XL at cross-attention period K = 1 ... 24 (every divisor of 24 layers).
 
-  runlocal: a 12-layer mini-width decoder (set in `common`), K = every divisor of 12.
+  smoke: a 12-layer mini-width decoder (set in `common`), K = every divisor of 12.
   """
   periods = (1, 2, 3, 4, 6, 12) if local else (1, 2, 3, 4, 6, 8, 12, 24)
   return [run(f'K={k}', {'model.decoder.cross_attention_period': k}, group='lsa_period',
@@ -121,7 +121,7 @@ def fig4(local: bool = False) -> list[dict[str, Any]]:
 def fig6(local: bool = False) -> list[dict[str, Any]]:
   """Figure 6: time per sample against the number of passages and against the target length, for
   FiD-Base and FiDO Base-XL (passages at the paper's 32 target tokens, target length at 40
-  passages; runlocal: at its 16 tokens and 10 passages)."""
+  passages; smoke: at its 16 tokens and 10 passages)."""
   s = SCALE[local]
   passages = (5, 20, 40) if local else (10, 20, 40, 60, 80, 100)
   targets = (8, 32, 64) if local else (32, 64, 128, 256, 512)
@@ -137,7 +137,7 @@ def fig6(local: bool = False) -> list[dict[str, Any]]:
   return runs
 
 
-# name: (runs function, base, paper-size common overrides, runlocal common overrides, title)
+# name: (runs function, base, paper-size common overrides, smoke common overrides, title)
 SWEEPS = {
     'table3': (table3, 'fido', {'bench.batch_sizes': (64,)}, {'bench.batch_sizes': (4,)},
                'Table 3: FiDO Base-XL ablations'),
@@ -159,12 +159,12 @@ VARIANTS = tuple(SWEEPS)
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  arg = fido_config.parse_arg(arg, variants=VARIANTS, variant='', runlocal=False, train=False,
+  arg = fido_config.parse_arg(arg, variants=VARIANTS, variant='', smoke=False, train=False,
                               steps=0, mha_steps=0, max_batch=-1, workdir='')
   runs_fn, base, paper_common, local_common, title = SWEEPS[arg.variant]
   # Each run's overrides are these common ones, then its own (the dotted keys stay in plain dicts:
   # ConfigDict refuses dotted field names).
-  local = bool(arg.runlocal)
+  local = bool(arg.smoke)
   common = dict(LOCAL_BENCH if local else {})
   common.update(local_common if local else paper_common)
   if arg.train:
@@ -172,12 +172,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     if arg.steps:
       # mha_steps=M: the first M steps train each run's multi-head twin (config.train.mha_steps).
       common.update({'train.steps': arg.steps, 'train.mha_steps': arg.mha_steps})
-  suffix = '-runlocal' if local else ''
+  suffix = '-smoke' if local else ''
   config = ml_collections.ConfigDict()
   config.name = f'ablations-{arg.variant}{suffix}'
   config.sweep = ml_collections.ConfigDict(dict(
       name=arg.variant,
-      title=title + (' (runlocal: tiny models, CPU workload)' if local else ''),
+      title=title + (' (smoke: tiny models, CPU workload)' if local else ''),
       base=BASES[base][local],
       runs=[dict(r, overrides={**common, **r['overrides']}) for r in runs_fn(local)],
       modes='bench,train' if arg.train else 'bench',

@@ -3,12 +3,12 @@ attention in the decoder (§3.2) and a decoder two T5.1.1 sizes larger than the 
 
   python run.py --mode=bench --config=experiments/fido.py:base-xl
   python run.py --mode=bench --config=experiments/fido.py:small,bench=cpu     # symmetric FiDO-small
-  python run.py --mode=bench --config=experiments/fido.py:tiny,bench=tiny
+  python run.py --mode=bench --config=experiments/fido.py:tiny,smoke
 
 Variants: small-large, base-xl, large-xxl, xl-xxl (the paper's), any symmetric size name
 (small, base, ...: LSA + MQ without the larger decoder), and tiny (tiny encoder, mini decoder).
-Arguments: bench=paper|cpu|tiny, lsa=K (cross-attention period; default 6 as in the paper, capped
-at the decoder depth), mq=0|1,
+Arguments: bench=paper|cpu, smoke (a benchmark workload of seconds: for CPUs and tests), lsa=K
+(cross-attention period; default 6 as in the paper, capped at the decoder depth), mq=0|1,
 dtype=float32|bfloat16.
 """
 
@@ -26,8 +26,8 @@ VARIANTS = (*ASYMMETRIC, *(s for s in fido_config.SIZES if s not in ASYMMETRIC))
 
 
 def get_config(arg: str | None = None):
-  arg = fido_config.parse_arg(arg, variants=VARIANTS, variant='base-xl', bench='paper', lsa=0,
-                              mq=True, dtype='float32')
+  arg = fido_config.parse_arg(arg, variants=VARIANTS, variant='base-xl', bench='paper', smoke=False,
+                              lsa=0, mq=True, dtype='float32')
   encoder, decoder = ASYMMETRIC.get(arg.variant, (arg.variant, arg.variant))
   kv_heads = 1 if arg.mq else None
   config = experiment.default_config()
@@ -37,5 +37,5 @@ def get_config(arg: str | None = None):
   config.model = fido_config.model_config(encoder, decoder, cross_attention_period=lsa,
                                           decoder_kv_heads=kv_heads, cross_kv_heads=kv_heads,
                                           dtype=arg.dtype)
-  config.bench = fido_config.bench_config(arg.bench)
+  config.bench = fido_config.bench_config('tiny' if arg.smoke else arg.bench)
   return config

@@ -17,7 +17,7 @@ fine-tune as usual, carrying the uptraining's second moments over (FiDO appendix
     --config.data.test=/data/nq/test.json --config.data.n_passages=40 --config.data.passage_len=256
 
   # CPU smoke test of the whole chain on the synthetic task (tiny models; HF input from
-  # experiments/uptrain_synthetic.py, or any T5.1.1 directory of these sizes):
+  # experiments/uptrain_synthetic.py's sweep (runs/pretrain-FiD/hf), or any T5.1.1 directory):
   python run.py --mode=convert --config=experiments/uptrain.py:convert,smoke,encoder=$HF,root=/tmp/up
   python run.py --mode=train --config=experiments/uptrain.py:uptrain,smoke,root=/tmp/up --workdir=/tmp/up/uptrain
   python run.py --mode=train --config=experiments/uptrain.py:finetune,smoke,root=/tmp/up --workdir=/tmp/up/finetune
@@ -46,7 +46,7 @@ import math
 import os
 
 from fido import config as fido_config
-from fido import convert_fido
+from fido import convert_checkpoint
 from fido import experiment
 from fido import optim
 
@@ -87,7 +87,7 @@ def get_config(arg: str | None = None):
   config.model = fido_config.model_config(
       encoder, decoder, cross_attention_period=lsa, decoder_kv_heads=kv, cross_kv_heads=kv,
       vocab_size=vocab, dropout_rate=dropout)
-  config.convert = convert_fido.default_config()
+  config.convert = convert_checkpoint.default_config()
   converted = os.path.join(arg.root, 'converted')
   uptrained = os.path.join(arg.root, 'uptrain')
   config.convert.update(encoder_checkpoint=arg.encoder, decoder_checkpoint=arg.decoder,

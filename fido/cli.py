@@ -24,9 +24,10 @@ from fido.errors import EXIT_USER_ERROR, UserError, did_you_mean
 
 MODES: Mapping[str, str] = {
     'train': 'train (pre-train, fine-tune or uptrain) into --workdir, then evaluate on test',
-    'eval': 'decode a checkpoint (config.eval.checkpoint) on a split and score it',
+    'eval': 'decode the checkpoints of the run in --workdir on a split and score them',
     'bench': 'time encoder and decoder inference (config.bench)',
     'analyze': 'FLOPs, memory traffic and roofline of the model on --device',
+    'compile_time': 'seconds to compile the decode loop and the train step (abstract shapes)',
     'sweep': 'run an ablation or seeds sweep (experiments/ablations.py, quality.py)',
     'convert': 'convert a Hugging Face T5 checkpoint to FiD/FiDO (config.convert)',
     'show_config': 'print the resolved config (every field --config.x.y=... can set)',
@@ -63,7 +64,8 @@ def help_text(root: str = '.') -> str:
     if variants:
       lines.append(f'      variants: {variants}')
   lines += ['', 'flags:',
-            '  --workdir=DIR        train: checkpoints, metrics.jsonl, config.json; sweep: results',
+            '  --workdir=DIR        train, eval: the run (checkpoints, metrics.jsonl, eval_<split>/);'
+            ' sweep: results',
             '  --overwrite          train: delete what --workdir holds and start afresh',
             '  --device=NAME        analyze: a device of fido.analysis.DEVICES, or cpu (probed)',
             '  --config.FIELD=V     set any config field; list them with --mode=show_config',

@@ -22,7 +22,7 @@ sections every experiment has are assembled above the library, in `fido.experime
 import glob
 import importlib.util
 import os
-from typing import Any, Mapping, NamedTuple, Sequence
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import ml_collections
 
@@ -163,6 +163,37 @@ def shares_embedding(config: ml_collections.ConfigDict) -> bool:
   return config.encoder.d_model == config.decoder.d_model
 
 
+class _Missing:
+  def __repr__(self) -> str:
+    return 'nothing'
+
+
+MISSING = _Missing()  # the value of a field that one side of `config_diff` does not have
+
+
+def flatten(tree: Any, prefix: str = 'config') -> dict[str, Any]:
+  """{'config.section.field': value} of a ConfigDict or nested mapping; tuples become lists (as
+  after a JSON round trip, so a config compares equal to its saved JSON)."""
+  if isinstance(tree, ml_collections.ConfigDict):
+    tree = tree.to_dict()
+  if isinstance(tree, Mapping):
+    return {k: v for key, sub in tree.items() for k, v in flatten(sub, f'{prefix}.{key}').items()}
+  return {prefix: list(tree) if isinstance(tree, tuple) else tree}
+
+
+def config_diff(old: Any, new: Any, *, prefix: str = 'config',
+                ignore: Callable[[str], bool] = lambda name: False
+                ) -> list[tuple[str, Any, Any]]:
+  """(dotted field name, old value, new value) of every field where two configs differ, by name.
+
+  Configs are ConfigDicts or nested mappings (e.g. read back from JSON); a field that only one side
+  has is paired with MISSING. `ignore(name)` drops fields from the comparison.
+  """
+  a, b = flatten(old, prefix), flatten(new, prefix)
+  return [(name, a.get(name, MISSING), b.get(name, MISSING)) for name in sorted(set(a) | set(b))
+          if not ignore(name) and a.get(name, MISSING) != b.get(name, MISSING)]
+
+
 def parse_arg(arg: str | None, variants: Sequence[str] = (), **defaults: Any
               ) -> ml_collections.ConfigDict:
   """Parses a config-file argument 'variant,key=value,flag' (big_vision style).
@@ -214,7 +245,7 @@ def bench_config(setting: str = 'paper') -> ml_collections.ConfigDict:
       'paper': dict(batch_sizes=(24, 64), n_passages=40, passage_len=256, target_len=32),
       # The 2-core CPU reference point of issue #2 (T5.1.1-small against Hugging Face's T5).
       'cpu': dict(batch_sizes=(4,), n_passages=10, passage_len=128, target_len=16),
-      # Smoke runs and tests.
+      # Smoke runs and tests (experiments' `smoke` argument).
       'tiny': dict(batch_sizes=(2,), n_passages=3, passage_len=16, target_len=4),
   }
   if setting not in settings:

@@ -6,7 +6,7 @@ an orbax checkpoint of a FiDO config.model, plus a JSON report of what happened 
                             out_dir/checkpoints (step 0, params only, `config` saved with them) +
                             out_dir/conversion_report.json; fine-tune or uptrain from it with
                             config.init.checkpoint=out_dir, config.init.carry_second_moments=False
-  run_convert(config)       `run.py --mode=convert`: config.convert (default_config()) + config.model
+  `run.py --mode=convert` (config.convert + config.model) is fido/convert_checkpoint.py.
 
 Each checkpoint is first imported as the FiD model it is (fido.convert: every tensor checked and
 consumed); the target's parameters, walked with the same `tensor_map`, are then filled from it:
@@ -51,36 +51,16 @@ import ml_collections
 import numpy as np
 
 from fido import checkpoint as checkpoint_lib
-from fido.config import ConfigError, StackSize, cross_attention_layers, validate_model_config
+from fido.config import StackSize, cross_attention_layers, validate_model_config
 from fido.convert import (_IGNORED, _TIED_INPUTS, ConversionError, TensorSpec, fid_config_from_hf,
                           hf_to_params, load_hf_t5, tensor_map)
-from fido.data.sources import resolve_data
-from fido.data.tokenizer import load_tokenizer
-from fido.errors import MissingInputError, OutputExistsError
+from fido.errors import OutputExistsError
 from fido.model import kv_heads
 from fido.model.fid import make_model
 
 _LOG = logging.getLogger(__name__)
 REPORT_FILE = 'conversion_report.json'
 CROSS_KV_INITS = ('aligned', 'random')
-
-
-def default_config() -> ml_collections.ConfigDict:
-  """The `config.convert` section (the target model is config.model)."""
-  return ml_collections.ConfigDict(dict(
-      encoder_checkpoint='',     # HF T5.1.1 directory (config.json + safetensors)
-      decoder_checkpoint='',     # another one for the decoder and output layer; '' = the encoder's
-      out_dir='',                # gets checkpoints/ (orbax, step 0) and conversion_report.json
-      overwrite=False,           # replace an existing out_dir/checkpoints
-      shared_embedding='encoder',  # equal widths, two checkpoints: whose shared.weight the stacks tie
-      cross_kv_init='aligned',   # new cross-attention K/V when widths differ: one of CROSS_KV_INITS
-      seed=0,                    # 'random' init, random alignment tokens, the checkpoint's rng
-      alignment=dict(
-          source='corpus',       # 'corpus' (config.data's corpus + tokenizer) | 'random' token ids
-          num_sequences=256, length=64,  # token sample: num_sequences x length
-          ridge=1e-3,            # lambda, relative to the mean eigenvalue of the Gram matrix
-          batch_size=16),
-  ))
 
 
 # ---------------------------------------------------------------------------- checkpoints
@@ -402,39 +382,3 @@ def write_fido_checkpoint(params, model_config: ml_collections.ConfigDict, out_d
   if report is not None:
     (out / REPORT_FILE).write_text(json.dumps(report, indent=1) + '\n')
   return out
-
-
-def run_convert(config: ml_collections.ConfigDict) -> dict[str, Any]:
-  """`run.py --mode=convert`: converts config.convert's checkpoint(s) to config.model; a summary."""
-  if 'convert' not in config:
-    raise ConfigError('the config has no convert section (fido.convert_fido.default_config()); use '
-                      'e.g. --config=experiments/uptrain.py:convert')
-  c = config.convert
-  if not c.encoder_checkpoint or not c.out_dir:
-    raise ConfigError('set config.convert.encoder_checkpoint (an HF T5.1.1 directory) and '
-                      'config.convert.out_dir')
-  model = config.model
-  ids = mask = None
-  if (model.encoder.d_model != model.decoder.d_model and c.cross_kv_init == 'aligned'):
-    a = c.alignment
-    if a.source == 'corpus':
-      data = resolve_data(config.data)
-      if not data.corpus or not os.path.isfile(data.corpus):
-        raise MissingInputError(f'config.data.corpus={data.corpus!r}: the aligned cross K/V init '
-                                "needs a text corpus, or set config.convert.alignment.source='random'")
-      tokenizer = load_tokenizer(data.tokenizer, model.vocab_size)
-      with open(data.corpus, encoding='utf-8') as f:
-        documents = [line.strip() for line in f if line.strip()]
-      ids, mask = corpus_alignment_ids(documents, tokenizer, a.num_sequences, a.length, c.seed)
-    elif a.source == 'random':
-      ids, mask = random_alignment_ids(model.vocab_size, a.num_sequences, a.length, c.seed)
-    else:
-      raise ConfigError(f"config.convert.alignment.source={a.source!r}; expected 'corpus' or 'random'")
-  params, report = convert_to_fido(
-      c.encoder_checkpoint, c.decoder_checkpoint or None, model,
-      shared_embedding=c.shared_embedding, cross_kv_init=c.cross_kv_init, alignment_ids=ids,
-      alignment_mask=mask, ridge=c.alignment.ridge, batch_size=c.alignment.batch_size, seed=c.seed)
-  out = write_fido_checkpoint(params, model, c.out_dir, report, config=config, seed=c.seed,
-                              overwrite=c.overwrite)
-  return dict(out_dir=str(out), report=str(out / REPORT_FILE), counts=report['counts'],
-              cross_kv_init=report['transforms']['cross_kv_init'], notes=report['notes'])

@@ -8,7 +8,7 @@ the sections), so that `fido.config`, the schema the model reads, imports nothin
 import ml_collections
 
 from fido import config as fido_config
-from fido import convert_fido, evaluate, optim, sharding, train, train_step
+from fido import convert_checkpoint, eval_checkpoint, optim, sharding, train, train_step
 from fido.data import sources
 
 
@@ -24,7 +24,7 @@ def default_config() -> ml_collections.ConfigDict:
       optimizer=optim.default_config(),
       init=train.default_init_config(),
       sharding=sharding.default_config(),
-      eval=evaluate.default_config(),
+      eval=eval_checkpoint.default_config(),
       bench=fido_config.bench_config('paper'),
-      convert=convert_fido.default_config(),
+      convert=convert_checkpoint.default_config(),
   ))

@@ -20,7 +20,7 @@
                        seed: it runs once per run.
   train_base, train_sections   when training: these sections come from the `train_base` spec
                        (before the run's overrides), e.g. the embedded default's synthetic data
-  max_batch            record `fido.bench.max_batch_search` per run and cap its batch sizes at it
+  max_batch            record `fido.max_batch.max_batch_search` per run and cap its batch sizes at it
   paper_setting        where the paper's numbers come from (shown under the table)
 
 and writes into `workdir`:
@@ -41,6 +41,7 @@ and writes into `workdir`:
 import copy
 import json
 import os
+import sys
 import time
 from typing import Any, Mapping, NamedTuple, Sequence
 
@@ -48,9 +49,10 @@ import jax
 import ml_collections
 
 from fido import bench as bench_lib
-from fido import checkpoint, convert, convert_fido, sweep_report
+from fido import checkpoint, convert, convert_fido, max_batch, sweep_report
 from fido import train as train_lib
-from fido.config import ConfigError, load_config_file, validate_model_config
+from fido.config import ConfigError, config_diff, load_config_file, validate_model_config
+from fido.files import atomic_write
 from fido.model.fid import init_params, make_model
 from fido.sweep_report import slug
 
@@ -118,12 +120,6 @@ def _jsonable(config: ml_collections.ConfigDict) -> dict:
   return json.loads(json.dumps(config.to_dict(), default=str))
 
 
-def _flat(tree: Any, prefix: str) -> dict[str, Any]:
-  if not isinstance(tree, Mapping):
-    return {prefix: tree}
-  return {k: v for key, sub in tree.items() for k, v in _flat(sub, f'{prefix}.{key}').items()}
-
-
 # Fields since removed from the config (test-only fault injection, now in the tests): results
 # stored while they existed still match.
 RETIRED_FIELDS = frozenset({'config.train.debug_nan_at_step', 'config.train.debug_step_delay'})
@@ -131,9 +127,9 @@ RETIRED_FIELDS = frozenset({'config.train.debug_nan_at_step', 'config.train.debu
 
 def _changed_fields(stored: Mapping[str, Any], current: Mapping[str, Any],
                     sections: Sequence[str]) -> list[str]:
-  old, new = (_flat({s: tree.get(s) for s in sections}, 'config') for tree in (stored, current))
-  return sorted(k for k in set(old) | set(new)
-                if old.get(k) != new.get(k) and k not in RETIRED_FIELDS)
+  return [name for name, _, _ in config_diff({s: stored.get(s) for s in sections},
+                                             {s: current.get(s) for s in sections},
+                                             ignore=RETIRED_FIELDS.__contains__)]
 
 
 def _load_result(run_dir: str, config_json: dict, modes: Sequence[str]) -> dict | None:
@@ -227,7 +223,11 @@ def convert_start(hf_dir: str, config: ml_collections.ConfigDict, out_dir: str) 
 
 def run_sweep(config: ml_collections.ConfigDict, workdir: str | None = None, *,
               verbose: bool = True) -> list[dict[str, Any]]:
-  """Runs (or resumes) `config.sweep` in `workdir` (default `config.sweep.workdir`); see above."""
+  """Runs (or resumes) `config.sweep` in `workdir` (default `config.sweep.workdir`); see above.
+
+  Returns the results (one per run and seed; run.py prints `sweep_report.results_markdown` of
+  them); `verbose` reports progress on stderr.
+  """
   sweep = config.sweep
   workdir = workdir or sweep.workdir
   modes = parse_modes(sweep.modes)
@@ -261,7 +261,7 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str | None = None, *,
         result.update(benched[spec['name']])
       else:
         result.update(_bench(sweep, spec, cfg))
-      sweep_report.atomic_write(os.path.join(run_dir, 'result.json'), json.dumps(result, indent=1))
+      atomic_write(os.path.join(run_dir, 'result.json'), json.dumps(result, indent=1))
     if 'bench' in result:
       benched.setdefault(spec['name'], {k: result[k] for k in ('bench', 'max_batch') if k in result})
     fingerprint = json.dumps({s: config_json.get(s) for s in TRAIN_SECTIONS}, sort_keys=True)
@@ -274,18 +274,16 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str | None = None, *,
           result['conversion'] = convert_start(conversion[0], cfg, conversion[1])
         result['train'] = json.loads(json.dumps(train_lib.run_train(cfg, run_dir), default=float))
       result['config'] = config_json   # its bench sections were checked equal; now the train ones
-      sweep_report.atomic_write(os.path.join(run_dir, 'result.json'), json.dumps(result, indent=1))
+      atomic_write(os.path.join(run_dir, 'result.json'), json.dumps(result, indent=1))
     if 'train' in result and 'shared_with' not in result['train']:
       trained.setdefault(fingerprint, (run.dir, result['train']))
     results.append(result)
-    if verbose:
+    if verbose:  # progress, like training's bars: on stderr
       print(_progress_line(sweep.name, i + 1, len(runs), result, done,
-                           time.perf_counter() - start), flush=True)
-  sweep_report.write_reports(sweep, results, workdir)
+                           time.perf_counter() - start), file=sys.stderr, flush=True)
+  paths = sweep_report.write_reports(sweep, results, workdir)
   if verbose:
-    print(f'wrote {os.path.join(workdir, "results.md")}\n')
-    with open(os.path.join(workdir, 'results.md')) as f:
-      print(f.read(), flush=True)
+    print(f'wrote {", ".join(paths)}', file=sys.stderr, flush=True)
   return results
 
 
@@ -295,7 +293,7 @@ def _bench(sweep: ml_collections.ConfigDict, spec: Mapping[str, Any],
   out, bench_cfg = {}, cfg
   if sweep.get('max_batch', False):   # "batch 64 or the largest that fits" (Table 3)
     largest = max(cfg.bench.batch_sizes)
-    out['max_batch'] = bench_lib.max_batch_search(cfg, start=largest, limit=largest)
+    out['max_batch'] = max_batch.max_batch_search(cfg, start=largest, limit=largest)
     cap = out['max_batch']['max_batch']
     if not cap:
       raise RuntimeError(f'sweep {sweep.name!r} run {spec["name"]!r}: not even batch 1 fits '

@@ -16,6 +16,8 @@ import ml_collections
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from fido.files import atomic_write
+
 AXIS_LABELS = {'passages': 'retrieved passages', 'target_len': 'target length (tokens)',
                'lsa_period': 'cross-attention period K (LSA)'}
 
@@ -23,14 +25,6 @@ AXIS_LABELS = {'passages': 'retrieved passages', 'target_len': 'target length (t
 def slug(name: str) -> str:
   """A file name for a run or plot name."""
   return re.sub(r'[^A-Za-z0-9_.=-]+', '-', name).strip('-.') or 'run'
-
-
-def atomic_write(path: str, data: str | bytes) -> None:
-  """Writes `data` to a temporary file beside `path`, then renames it over `path`."""
-  tmp = f'{path}.tmp{os.getpid()}'
-  with open(tmp, 'wb' if isinstance(data, bytes) else 'w') as f:
-    f.write(data)
-  os.replace(tmp, path)
 
 
 def exact_match(result: Mapping[str, Any]) -> float | None:
@@ -142,7 +136,7 @@ def bench_markdown(sweep: ml_collections.ConfigDict, results: Sequence[Mapping[s
     lines += ['', f'Paper: {sweep.get("paper_setting", "")}.']
   if has_max:
     methods = sorted({r['max_batch']['method'] for r in results if r.get('max_batch')})
-    lines += ['', f'max batch: {", ".join(methods)} (fido.bench.max_batch_search) up to the '
+    lines += ['', f'max batch: {", ".join(methods)} (fido.max_batch.max_batch_search) up to the '
               'requested batch ("≥ B": B fits); each run is benchmarked at min(batch, max '
               'batch).']
   if trained:

@@ -8,7 +8,9 @@ from typing import Any
 import jax
 import ml_collections
 
+from fido.config import config_diff
 from fido.errors import WorkdirError
+from fido.files import atomic_write
 
 
 def _comparable(config: ml_collections.ConfigDict) -> dict:
@@ -36,14 +38,12 @@ def prepare_workdir(config: ml_collections.ConfigDict, workdir: str, overwrite: 
   elif os.path.exists(path):
     with open(path) as f:
       previous = json.load(f)
-    if previous != _comparable(config):
-      changed = sorted(k for k in set(previous) | set(_comparable(config))
-                       if previous.get(k) != _comparable(config).get(k))
+    changed = sorted({name.split('.')[1] for name, _, _ in config_diff(previous,
+                                                                        _comparable(config))})
+    if changed:
       raise WorkdirError(f'workdir {workdir!r} holds a different run (config sections differ: '
                          f'{changed}); use another --workdir or pass --overwrite to replace it')
-  os.makedirs(workdir, exist_ok=True)
-  with open(path, 'w') as f:
-    json.dump(_comparable(config), f, indent=1, sort_keys=True)
+  atomic_write(path, json.dumps(_comparable(config), indent=1, sort_keys=True))
 
 
 class MetricsWriter:

@@ -13,7 +13,7 @@ import sys
 import traceback
 
 # The slow imports, once, for every child.
-from fido import analysis, bench, cli, convert_fido, evaluate, sweep, train  # noqa: F401
+from fido import analyze, bench, cli, compile_time, convert_fido, eval_checkpoint, sweep, train  # noqa: F401
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

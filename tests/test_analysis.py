@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from fido import analysis
+from fido import analysis, analyze
 from fido.analysis import Setting
 from fido.config import model_config
 from fido.model.fid import make_model
@@ -53,7 +53,7 @@ def test_exact_flops_agree_with_xla_cost_analysis(model):
   masks) that we leave out. At these tiny widths that adds 0-10% (it shrinks as D grows, since
   elementwise work is linear in D and matmuls quadratic); a small vocabulary keeps the output
   layer from hiding the decoder layers. So XLA / exact must lie in [1, 1.15]."""
-  result = analysis.analyze(model, TINY, 'tpu-v4', xla=True)
+  result = analyze.analyze(model, TINY, 'tpu-v4', xla=True)
   json.dumps(result)  # JSON-serialisable, XLA section included
   for part in ('encoder', 'cross_kv_projection', 'decoder_step'):
     ratio = result['xla'][part]['xla_over_exact']
@@ -65,7 +65,7 @@ def test_exact_bytes_against_xla_bytes_accessed():
   counts each matmul's operands and result once (plus softmax), so XLA's is larger, yet within a
   small factor when no term is missing (measured 1.8-3.4x on tiny configs)."""
   model = model_config('tiny', vocab_size=64)
-  costs = analysis.xla_costs(model, TINY)
+  costs = analyze.xla_costs(model, TINY)
   enc = sum(c.bytes for c in analysis.encoder_costs(model, TINY).values())
   dec = analysis.decoder_costs(model, TINY)
   step = sum(dec[k].bytes for k in analysis.STEP_COMPONENTS)
@@ -137,16 +137,16 @@ def test_multi_query_and_lsa_shrink_caches_exactly():
 def test_table1_ordering():
   """FiDO Table 1 on a 32 GiB TPUv4: FiD-Base (24) < +LSA (128) < +MQ (256) > +XL decoder (128)."""
   predicted = {name: analysis.max_batch(model, PAPER, 'tpu-v4')
-               for name, model, _ in analysis.paper_table1()}
+               for name, model, _ in analyze.paper_table1()}
   assert predicted['FiD-Base'] < predicted['+LSA'] < predicted['+MQ']
   assert predicted['+XL decoder'] < predicted['+MQ']
   assert predicted['FiD-Base'] < predicted['+XL decoder']
-  for name, _, paper in analysis.paper_table1():  # not tuned: a loose sanity band
+  for name, _, paper in analyze.paper_table1():  # not tuned: a loose sanity band
     assert paper / 4 <= predicted[name] <= paper * 4, (name, predicted[name], paper)
   # With the encoder run one sample at a time only caches limit: the same order, wider gaps.
   chunked = dataclasses.replace(PAPER, encoder_batch=1)
   cache_bound = [analysis.max_batch(model, chunked, 'tpu-v4')
-                 for _, model, _ in analysis.paper_table1()]
+                 for _, model, _ in analyze.paper_table1()]
   assert cache_bound[0] < cache_bound[1] < cache_bound[2] and cache_bound[3] < cache_bound[2]
 
 
@@ -206,10 +206,10 @@ def test_roofline_predictions():
 
 def test_analyze_report_and_devices():
   model = model_config('base', 'xl', cross_attention_period=6, decoder_kv_heads=1, cross_kv_heads=1)
-  result = analysis.analyze(model, PAPER, 'h100-sxm', name='fido-base-xl')
+  result = analyze.analyze(model, PAPER, 'h100-sxm', name='fido-base-xl')
   assert json.loads(json.dumps(result))['max_batch'] == result['max_batch'] > 0
   assert result['bytes_per_sample'] == analysis.bytes_per_sample(model, PAPER)
-  table = analysis.format_table([result, result])
+  table = analyze.format_table([result, result])
   assert table.count('fido-base-xl') == 2
   with pytest.raises(ValueError, match="--device='tpu-v9' is unknown.*did you mean 'tpu-v4'"):
     analysis.get_device('tpu-v9')

@@ -12,13 +12,13 @@ from fido.config import cross_attention_layers, load_config_file
 from fido.model.fid import make_model
 
 
-def test_bench_prints_one_json_line_per_batch(capsys):
-  config = load_config_file('experiments/fido.py:tiny,bench=tiny')
-  config.bench.repeats = 2
-  config.bench.batch_sizes = (1, 2)
-  results = bench.run_bench(config)
-  lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-  assert lines == results and [r['batch'] for r in results] == [1, 2]
+def test_bench_yields_one_result_per_batch_and_appends_it_to_the_output(tmp_path):
+  config = load_config_file('experiments/fido.py:tiny,smoke')
+  config.bench.update(repeats=2, batch_sizes=(1, 2), output=str(tmp_path / 'bench.jsonl'))
+  results = list(bench.run_bench(config))
+  with open(config.bench.output) as f:
+    assert [json.loads(line) for line in f] == results
+  assert [r['batch'] for r in results] == [1, 2]
   for result in results:
     assert result['encoder_ms'] > 0 and result['decoder_ms'] > 0
     assert result['n_passages'] == 3 and result['passage_len'] == 16 and result['target_len'] == 4
@@ -33,14 +33,13 @@ def test_bench_prints_one_json_line_per_batch(capsys):
         traffic / (result['decoder_ms'] / 1e3) / 1e9, rel=0.01, abs=0.05)
 
 
-def test_bench_against_hf_reference_interleaves_and_prints_ratios(capsys):
+def test_bench_against_hf_reference_interleaves_and_yields_ratios():
   pytest.importorskip('torch')
   pytest.importorskip('transformers')
-  config = load_config_file('experiments/fid.py:tiny,bench=tiny')
+  config = load_config_file('experiments/fid.py:tiny,smoke')
   config.bench.update(repeats=3, warmup=1, batch_sizes=(2,), reference='hf')
-  results = bench.run_bench(config)
-  ours, theirs, ratios = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-  assert ours == results[0] and theirs['name'] == 'hf-transformers-t5-tiny'
+  ours, theirs, ratios = bench.run_bench(config)
+  assert ours['name'] == 'fid-tiny' and theirs['name'] == 'hf-transformers-t5-tiny'
   assert theirs['encoder_ms'] > 0 and theirs['decoder_ms'] > 0 and theirs['batch'] == 2
   assert ratios['interleaved'] and ratios['total'] == round(
       theirs['total_ms'] / ours['total_ms'], 2)
@@ -57,7 +56,7 @@ def test_paired_ratios_are_taken_round_by_round():
 
 
 def test_decoder_step_matrices_are_every_weight_a_decode_step_reads():
-  config = load_config_file('experiments/fido.py:tiny,bench=tiny')
+  config = load_config_file('experiments/fido.py:tiny,smoke')
   model = make_model(config.model)
   params = bench.random_params(config, model, np.random.default_rng(0))
   matrices = bench.decoder_step_matrices(params)
@@ -94,11 +93,10 @@ def test_weights_only_decode_chains_steps_through_the_output_layer():
       bench.weights_only_decode([ones_layer, output], embeddings, 2, 2), [perm[perm[0]]] * 2)
 
 
-def test_bench_weights_only_reports_the_decoder_over_its_matmul_floor(capsys):
-  config = load_config_file('experiments/fido.py:tiny,bench=tiny')
+def test_bench_weights_only_reports_the_decoder_over_its_matmul_floor():
+  config = load_config_file('experiments/fido.py:tiny,smoke')
   config.bench.update(repeats=3, warmup=1, weights_only=True)
   [result] = bench.run_bench(config)
   assert result['weights_only_ms'] > 0
   low, median, high = result['decoder_over_weights_only']
   assert 0 < low <= median <= high
-  assert json.loads(capsys.readouterr().out) == result

@@ -2,8 +2,10 @@
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import pytest
 
+from fido import config as fido_config
 from fido.config import ConfigError, load_config_file, model_config, parse_arg, validate_model_config
 from fido.model.fid import make_model
 
@@ -92,3 +94,14 @@ def test_parse_arg_and_config_file_errors(tmp_path):
     load_config_file(str(empty))
   with pytest.raises(ConfigError, match="fid.py:giant: unknown variant 'giant'; expected one of"):
     load_config_file('experiments/fid.py:giant')
+
+
+def test_config_diff_names_fields_and_treats_tuples_as_saved_json():
+  old = ml_collections.ConfigDict(dict(model=dict(d=(1, 2), size='a'), train=dict(steps=3)))
+  new = {'model': {'d': [1, 2], 'size': 'b'}, 'eval': {'split': 'dev'}}
+  assert fido_config.config_diff(old, new) == [
+      ('config.eval.split', fido_config.MISSING, 'dev'), ('config.model.size', 'a', 'b'),
+      ('config.train.steps', 3, fido_config.MISSING)]
+  assert fido_config.config_diff(old, new, ignore=lambda n: not n.startswith('config.model')) == [
+      ('config.model.size', 'a', 'b')]
+  assert repr(fido_config.MISSING) == 'nothing'

@@ -14,7 +14,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from fido import convert, convert_fido, experiment, optim, start
+from fido import convert, convert_checkpoint, convert_fido, experiment, optim, start
 from fido.config import ConfigError, load_config_file, model_config
 from fido.model.fid import make_model
 from fido.train_step import init_train_state, make_train_step
@@ -367,7 +367,7 @@ def test_run_convert_with_the_uptrain_config(deep, tmp_path):
   config = load_config_file(os.path.join(REPO, f'experiments/uptrain.py:convert,smoke,root={tmp_path}'))
   config.model = fido_target(source)
   config.convert.encoder_checkpoint = str(directory)
-  summary = convert_fido.run_convert(config)
+  summary = convert_checkpoint.run_convert(config)
   assert summary['out_dir'] == str(tmp_path / 'converted')
   assert summary['counts']['params'] == {'copied': 58, 'pooled': 12}
   up = load_config_file(os.path.join(REPO, f'experiments/uptrain.py:uptrain,smoke,root={tmp_path}'))
@@ -376,4 +376,4 @@ def test_run_convert_with_the_uptrain_config(deep, tmp_path):
   assert fine.init.checkpoint == str(tmp_path / 'uptrain') and fine.init.carry_second_moments
   assert up.model.to_dict() == {**fine.model.to_dict(), 'dropout_rate': 0.0}
   with pytest.raises(ValueError, match='set config.convert.encoder_checkpoint'):
-    convert_fido.run_convert(load_config_file(os.path.join(REPO, 'experiments/embedded.py:fid')))
+    convert_checkpoint.run_convert(load_config_file(os.path.join(REPO, 'experiments/embedded.py:fid')))

@@ -1,4 +1,5 @@
-"""Tests for fido/evaluate.py: predictions/metrics files, the EM path, errors, watch, beam search."""
+"""Tests for fido/evaluate.py and fido/eval_checkpoint.py: predictions/metrics files, the EM path,
+errors, watch, beam search, run_eval's --workdir."""
 
 import json
 import os
@@ -10,10 +11,11 @@ import numpy as np
 import pytest
 
 from fido import config as fido_config
-from fido import evaluate
+from fido import eval_checkpoint, evaluate
 from fido import experiment
 from fido.checkpoint import Checkpointer
 from fido.config import ConfigError
+from fido.errors import CheckpointError
 from fido.data import features, synthetic
 from fido.data.errors import DataError
 from fido.data.fid_format import read_fid_file
@@ -45,7 +47,7 @@ def _config(paths, tokenizer, **model_kwargs):
   config.model = fido_config.model_config('tiny', vocab_size=tokenizer.vocab_size, **model_kwargs)
   config.data = ml_collections.ConfigDict(dict(
       tokenizer=paths.tokenizer, train=paths.train, dev=paths.dev, test=paths.test, **LENGTHS))
-  config.eval = evaluate.default_config()
+  config.eval = eval_checkpoint.default_config()
   config.eval.batch_size = BATCH
   config.eval.progress = False
   return config
@@ -123,7 +125,7 @@ def test_checkpoint_eval_writes_consistent_files(tmp_path, config, model, dev, t
                                                  monkeypatch):
   workdir = str(tmp_path / 'work')
   _save(os.path.join(workdir, 'checkpoints'), 3, _params(model, 0), config)
-  metrics = evaluate.evaluate_checkpoint(config, workdir, split_path='dev', out_dir='')
+  metrics = eval_checkpoint.evaluate_checkpoint(config, workdir, split_path='dev', out_dir='')
   out_dir = os.path.join(workdir, 'eval_dev')  # the default
   rows = _read_jsonl(os.path.join(out_dir, 'predictions_step3.jsonl'))
   with open(os.path.join(out_dir, 'metrics_step3.json')) as f:
@@ -150,7 +152,7 @@ def test_checkpoint_eval_writes_consistent_files(tmp_path, config, model, dev, t
 
   monkeypatch.setattr(evaluate, '_cached_decode_fn', half_perfect)
   out_dir = str(tmp_path / 'half')
-  metrics = evaluate.evaluate_checkpoint(config, workdir, split_path=config.data.dev,
+  metrics = eval_checkpoint.evaluate_checkpoint(config, workdir, split_path=config.data.dev,
                                          out_dir=out_dir, step=3)
   rows = _read_jsonl(os.path.join(out_dir, 'predictions_step3.jsonl'))
   correct = [r['correct'] for r in rows]
@@ -168,7 +170,7 @@ def test_file_without_answers_is_an_error(tmp_path, config, model, paths):
   unlabeled = tmp_path / 'unlabeled.jsonl'
   unlabeled.write_text(''.join(json.dumps(r) + '\n' for r in records))
   with pytest.raises(DataError, match=r"unlabeled\.jsonl: record 5 has no 'answers'"):
-    evaluate.evaluate_checkpoint(config, str(tmp_path / 'ckpt'), split_path=str(unlabeled),
+    eval_checkpoint.evaluate_checkpoint(config, str(tmp_path / 'ckpt'), split_path=str(unlabeled),
                                  out_dir=str(tmp_path / 'out'))
 
 
@@ -182,16 +184,16 @@ def test_bad_records_stop_eval_before_decoding_or_are_skipped_and_counted(tmp_pa
   bad.write_text('\n'.join(lines[:3] + ['{"question": ', json.dumps(long_question)]) + '\n')
   out_dir = tmp_path / 'out'
   with pytest.raises(DataError, match=r'bad\.jsonl: line 4 column \d+: malformed JSON'):
-    evaluate.evaluate_checkpoint(config, str(tmp_path / 'ckpt'), split_path=str(bad),
+    eval_checkpoint.evaluate_checkpoint(config, str(tmp_path / 'ckpt'), split_path=str(bad),
                                  out_dir=str(out_dir))
   skip = ml_collections.ConfigDict(config.to_dict())
   skip.data.on_error = 'skip'
   with pytest.raises(DataError, match=r"bad\.jsonl: record 5: field 'question': passage prefix"):
-    evaluate.evaluate_checkpoint(skip, str(tmp_path / 'ckpt'), split_path=str(bad),
+    eval_checkpoint.evaluate_checkpoint(skip, str(tmp_path / 'ckpt'), split_path=str(bad),
                                  out_dir=str(out_dir))
   assert not out_dir.exists()  # checked before decoding: nothing written
   bad.write_text('\n'.join(lines[:3] + ['{"question": ']) + '\n')
-  metrics = evaluate.evaluate_checkpoint(skip, str(tmp_path / 'ckpt'), split_path=str(bad),
+  metrics = eval_checkpoint.evaluate_checkpoint(skip, str(tmp_path / 'ckpt'), split_path=str(bad),
                                          out_dir=str(out_dir))
   assert metrics['count'] == 3 and metrics['skipped_records'] == {'malformed JSON': 1}
 
@@ -199,7 +201,7 @@ def test_bad_records_stop_eval_before_decoding_or_are_skipped_and_counted(tmp_pa
 def test_missing_checkpoint_is_an_error(tmp_path, config):
   for directory in (tmp_path / 'missing', tmp_path):
     with pytest.raises(FileNotFoundError, match=f'no checkpoint found under {directory}'):
-      evaluate.evaluate_checkpoint(config, str(directory), split_path='dev', out_dir='')
+      eval_checkpoint.evaluate_checkpoint(config, str(directory), split_path='dev', out_dir='')
 
 
 def test_model_config_mismatch_names_the_field(tmp_path, config, model, paths, tokenizer):
@@ -207,13 +209,13 @@ def test_model_config_mismatch_names_the_field(tmp_path, config, model, paths, t
   other = _config(paths, tokenizer, cross_attention_period=2)
   with pytest.raises(ConfigError, match=r'config\.model\.decoder\.cross_attention_period: '
                                         r'checkpoint 1, config 2'):
-    evaluate.evaluate_checkpoint(other, str(tmp_path / 'ckpt'), split_path='dev',
+    eval_checkpoint.evaluate_checkpoint(other, str(tmp_path / 'ckpt'), split_path='dev',
                                  out_dir=str(tmp_path / 'out'))
   # Init-only and run-only fields may differ: they do not change what the checkpoint computes.
   init_only = ml_collections.ConfigDict(config.model.to_dict())
   init_only.encoder.position_bias_init_std = 4.0
   init_only.dropout_rate = 0.3
-  evaluate.check_model_matches(config.model, init_only, 'checkpoint 1')
+  eval_checkpoint.check_model_matches(config.model, init_only, 'checkpoint 1')
 
 
 def test_watch_evaluates_new_steps_then_resumes_without_repeating(tmp_path, config, model, dev):
@@ -229,7 +231,7 @@ def test_watch_evaluates_new_steps_then_resumes_without_repeating(tmp_path, conf
       _save(ckpt_dir, 2, params, config)
     sleeps.append(seconds)
 
-  rows = evaluate.watch(config, workdir, split_path='dev', out_dir=out_dir, poll_seconds=0.01,
+  rows = eval_checkpoint.watch(config, workdir, split_path='dev', out_dir=out_dir, poll_seconds=0.01,
                         timeout_seconds=0.3, sleep=sleep)
   assert [r['step'] for r in rows] == [1, 2] and len(sleeps) > 1  # stopped on the timeout
   assert _read_jsonl(os.path.join(out_dir, 'eval_table.jsonl')) == rows
@@ -239,7 +241,7 @@ def test_watch_evaluates_new_steps_then_resumes_without_repeating(tmp_path, conf
   mtimes = {s: os.stat(os.path.join(out_dir, f'metrics_step{s}.json')).st_mtime_ns for s in (1, 2)}
 
   _save(ckpt_dir, 3, params, config)  # a restarted watcher evaluates only the new step
-  rows = evaluate.watch(config, workdir, split_path='dev', out_dir=out_dir, poll_seconds=0.01,
+  rows = eval_checkpoint.watch(config, workdir, split_path='dev', out_dir=out_dir, poll_seconds=0.01,
                         timeout_seconds=30, stop_at_step=3, sleep=lambda _: None)
   assert [r['step'] for r in rows] == [1, 2, 3]
   assert mtimes == {s: os.stat(os.path.join(out_dir, f'metrics_step{s}.json')).st_mtime_ns
@@ -260,7 +262,27 @@ def test_beam_search_path_and_one_compilation(model, dev, tokenizer):
   assert evaluate._cached_decode_fn(model, target_len, 2, 0.6)._cache_size() == 1
 
 
-def test_default_config_and_run_eval_needs_a_checkpoint(config):
-  assert evaluate.default_config().beam_size == 1
-  with pytest.raises(ConfigError, match='config.eval.checkpoint'):
-    evaluate.run_eval(config)
+def test_run_eval_evaluates_the_run_in_workdir_and_writes_into_it(tmp_path, config, model):
+  workdir = str(tmp_path / 'work')
+  _save(os.path.join(workdir, 'checkpoints'), 2, _params(model, 0), config)
+  full = ml_collections.ConfigDict(config.to_dict())
+  full.data = experiment.default_config().data  # run_eval resolves a whole data section
+  full.data.update(source='files', **config.data)
+  metrics = eval_checkpoint.run_eval(full, workdir)
+  with open(os.path.join(workdir, 'eval_dev', 'metrics_step2.json')) as f:
+    assert json.load(f) == metrics and metrics['step'] == 2
+  with pytest.raises(CheckpointError, match='no checkpoint found'):
+    eval_checkpoint.run_eval(full, str(tmp_path / 'nothing'))
+
+
+def test_eval_checkpoint_field_is_deprecated_for_workdir(tmp_path, config):
+  assert eval_checkpoint.default_config().beam_size == 1
+  old = ml_collections.ConfigDict(config.to_dict())
+  old.data = experiment.default_config().data
+  old.data.update(source='files', **config.data)
+  old.eval.checkpoint = str(tmp_path / 'old-run')
+  with pytest.raises(ConfigError, match='deprecated.*--workdir'):
+    eval_checkpoint.run_eval(old, str(tmp_path / 'run'))
+  # Without a --workdir flag (run.py's default), the old field is still honoured.
+  with pytest.raises(CheckpointError, match='old-run'):
+    eval_checkpoint.run_eval(old, 'workdirs/embedded-fido', default_workdir=True)

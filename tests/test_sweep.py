@@ -1,4 +1,4 @@
-"""Sweeps (fido/sweep.py, experiments/ablations.py) and the max-batch search (fido/bench.py)."""
+"""Sweeps (fido/sweep.py, experiments/ablations.py) and the max-batch search (fido/max_batch.py)."""
 
 import json
 import os
@@ -7,7 +7,7 @@ import jax
 import ml_collections
 import pytest
 
-from fido import analysis, bench, sweep
+from fido import analysis, bench, max_batch, sweep
 from fido import train as train_lib
 from fido.config import ConfigError, load_config_file
 from fido.model.fid import make_model
@@ -17,7 +17,7 @@ ABLATIONS = os.path.join(REPO, 'experiments/ablations.py')
 PNG_MAGIC = b'\x89PNG\r\n\x1a\n'
 
 
-def sweep_config(workdir, runs, *, modes='bench', base='experiments/fido.py:tiny,bench=tiny',
+def sweep_config(workdir, runs, *, modes='bench', base='experiments/fido.py:tiny,smoke',
                  train_base='', max_batch=False, seeds=()):
   return ml_collections.ConfigDict(dict(name='test', sweep=dict(
       name='test', title='test sweep', base=os.path.join(REPO, base), runs=runs, modes=modes,
@@ -206,10 +206,10 @@ def test_unknown_sweep_name_lists_the_known_ones():
 
 
 @pytest.mark.parametrize('name', ['table3', 'table4', 'table6', 'fig4', 'fig6'])
-@pytest.mark.parametrize('local', [False, True], ids=['paper', 'runlocal'])
+@pytest.mark.parametrize('local', [False, True], ids=['paper', 'smoke'])
 def test_defined_sweeps_build_valid_models(name, local, monkeypatch):
   monkeypatch.chdir(REPO)
-  config = load_config_file(f'{ABLATIONS}:{name}' + (',runlocal,train' if local else ''))
+  config = load_config_file(f'{ABLATIONS}:{name}' + (',smoke,train' if local else ''))
   assert config.sweep.modes == ('bench,train' if local else 'bench')
   runs = config.sweep.runs
   assert len({r['name'] for r in runs}) == len(runs) >= 3
@@ -244,55 +244,55 @@ def test_largest_fitting_finds_the_threshold(threshold, start):
     tried.append(batch)
     return batch <= threshold
 
-  best, tries = bench.largest_fitting(fits, start=start, limit=4096)
+  best, tries = max_batch.largest_fitting(fits, start=start, limit=4096)
   assert best == min(threshold, 4096)
   assert [b for b, _ in tries] == tried and len(tried) <= 2 * 12 + 2
   assert all(ok == (b <= threshold) for b, ok in tries)
 
 
 def test_max_batch_search_methods(monkeypatch):
-  config = load_config_file(os.path.join(REPO, 'experiments/fido.py:tiny,bench=tiny'))
-  assert bench.largest_fitting(lambda b: b <= 0, start=3, limit=10)[0] == 0
-  assert bench.largest_fitting(lambda b: b <= 50, start=3, limit=40)[0] == 40
+  config = load_config_file(os.path.join(REPO, 'experiments/fido.py:tiny,smoke'))
+  assert max_batch.largest_fitting(lambda b: b <= 0, start=3, limit=10)[0] == 0
+  assert max_batch.largest_fitting(lambda b: b <= 50, start=3, limit=40)[0] == 40
   # start = limit = the batch wanted: one try when it fits, else bisection below it.
-  assert bench.largest_fitting(lambda b: b <= 64, start=64, limit=64) == (64, [(64, True)])
-  best, tries = bench.largest_fitting(lambda b: b <= 20, start=64, limit=64)
+  assert max_batch.largest_fitting(lambda b: b <= 64, start=64, limit=64) == (64, [(64, True)])
+  best, tries = max_batch.largest_fitting(lambda b: b <= 20, start=64, limit=64)
   assert best == 20 and [b for b, _ in tries] == [64, 32, 16, 24, 20, 22, 21]
-  injected = bench.max_batch_search(config, fits=lambda b: b <= 24, limit=256)
+  injected = max_batch.max_batch_search(config, fits=lambda b: b <= 24, limit=256)
   assert (injected['method'], injected['max_batch'], injected['hit_limit']) == (
       'allocation_search', 24, False)
-  model = bench.max_batch_search(config, limit=1 << 20)   # CPU: the memory model
+  model = max_batch.max_batch_search(config, limit=1 << 20)   # CPU: the memory model
   assert model['method'] == 'memory_model' and 1 <= model['max_batch'] < 1 << 20
   host = analysis.Device('host', 0.0, 0.0, model['memory_bytes'])
   assert model['max_batch'] == analysis.max_batch(
       config.model, analysis.setting_from_config(config, 1), host)
-  capped = bench.max_batch_search(config, start=24, limit=24)
+  capped = max_batch.max_batch_search(config, start=24, limit=24)
   assert capped['max_batch'] == 24 and capped['hit_limit']
   oom = jax.errors.JaxRuntimeError('RESOURCE_EXHAUSTED: Out of memory while trying to allocate')
-  assert bench.is_resource_exhausted(oom)
-  assert not bench.is_resource_exhausted(jax.errors.JaxRuntimeError('INVALID_ARGUMENT: shapes'))
-  assert not bench.is_resource_exhausted(ValueError('out of memory'))
+  assert max_batch.is_resource_exhausted(oom)
+  assert not max_batch.is_resource_exhausted(jax.errors.JaxRuntimeError('INVALID_ARGUMENT: shapes'))
+  assert not max_batch.is_resource_exhausted(ValueError('out of memory'))
 
 
 def test_allocation_search_treats_oom_as_too_big(monkeypatch):
   """The real probe on CPU, with the decoder made to run out of memory above batch 1."""
-  config = load_config_file(os.path.join(REPO, 'experiments/fido.py:tiny,bench=tiny'))
-  real_decode = bench.greedy_decode_from_encoding
+  config = load_config_file(os.path.join(REPO, 'experiments/fido.py:tiny,smoke'))
+  real_decode = max_batch.greedy_decode_from_encoding
 
   def decode_or_oom(model, params, enc, enc_mask, **kwargs):
     if enc.shape[0] > 1:
       raise jax.errors.JaxRuntimeError('RESOURCE_EXHAUSTED: Out of memory (simulated)')
     return real_decode(model, params, enc, enc_mask, **kwargs)
 
-  monkeypatch.setattr(bench, 'greedy_decode_from_encoding', decode_or_oom)
-  result = bench.max_batch_search(config, method='allocation_search', limit=16)
+  monkeypatch.setattr(max_batch, 'greedy_decode_from_encoding', decode_or_oom)
+  result = max_batch.max_batch_search(config, method='allocation_search', limit=16)
   assert result['max_batch'] == 1 and result['tries'] == [[1, True], [2, False]]
   def broken_decode(*args, **kwargs):
     raise ValueError('a real bug')
 
-  monkeypatch.setattr(bench, 'greedy_decode_from_encoding', broken_decode)
+  monkeypatch.setattr(max_batch, 'greedy_decode_from_encoding', broken_decode)
   with pytest.raises(ValueError, match='a real bug'):
-    bench.max_batch_search(config, method='allocation_search', limit=2)
+    max_batch.max_batch_search(config, method='allocation_search', limit=2)
 
 
 def test_max_batch_caps_the_benchmarked_batch(tmp_path, monkeypatch):
@@ -304,7 +304,7 @@ def test_max_batch_caps_the_benchmarked_batch(tmp_path, monkeypatch):
     best = min(limit, limits[config.name])
     return dict(method='fake', max_batch=best, hit_limit=best == limit)
 
-  monkeypatch.setattr(bench, 'max_batch_search', fake_search)
+  monkeypatch.setattr(max_batch, 'max_batch_search', fake_search)
   runs = [run(name, {'bench.batch_sizes': (8,)}) for name in ('fits', 'too-big')]
   sweep.run_sweep(sweep_config(tmp_path, runs, max_batch=True), str(tmp_path), verbose=False)
   assert [tuple(c.bench.batch_sizes) for c in bench_calls] == [(8,), (3,)]
@@ -318,3 +318,18 @@ def test_results_stored_with_retired_config_fields_still_match():
   stored = {'train': {'steps': 4, 'debug_nan_at_step': -1, 'debug_step_delay': 0.0}}
   assert changed(stored, {'train': {'steps': 4}}, ['train']) == []
   assert changed(stored, {'train': {'steps': 5}}, ['train']) == ['config.train.steps']
+
+
+@pytest.mark.parametrize('arg', ['', ':smoke,scratch'])
+def test_uptrain_synthetic_is_a_sweep_of_the_uptrain_stages(arg):
+  config = load_config_file(os.path.join(REPO, f'experiments/uptrain_synthetic.py{arg}'))
+  runs = sweep.expand_runs(config.sweep, ('train',))  # every run's config built and validated
+  by_name = {r.spec['name']: r for r in runs}
+  assert [r.spec.get('convert_from') for r in runs[1:5]] == ['pretrain FiD', 'pretrain FiD', None,
+                                                             'pretrain FiD']
+  assert by_name['(b) FiDO, uptrained'].spec['init_from'] == 'uptrain FiDO'
+  assert by_name['(b) FiDO, uptrained'].config.init.carry_second_moments
+  assert by_name['pretrain FiD'].config.train.task == 'pretrain'
+  fido = by_name['(c) FiDO, converted'].config.model
+  assert fido.decoder.num_kv_heads == 1 and fido.decoder.cross_attention_period == 2
+  assert ('(d) FiDO, scratch' in by_name) == ('scratch' in arg)

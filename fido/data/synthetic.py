@@ -38,6 +38,7 @@ from typing import Callable
 import numpy as np
 
 from fido.data import tokenizer as tokenizer_lib
+from fido.files import atomic_write
 
 FORMAT_VERSION = 6
 ANSWER_POSITIONS = ("early", "late")
@@ -161,13 +162,6 @@ class SyntheticPaths:
   manifest: str
 
 
-def _atomic_write(path: str, lines: list[str]) -> None:
-  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")
-  with os.fdopen(fd, "w", encoding="utf-8") as f:
-    f.writelines(line + "\n" for line in lines)
-  os.replace(tmp, path)
-
-
 def prepare_synthetic(out_dir: str | os.PathLike, seed: int = 0, *, n_train: int = 3000,
                       n_dev: int = 300, n_test: int = 300, n_passages: int = 10,
                       answer_position: str = "early", vocab_size: int = 600,
@@ -193,8 +187,8 @@ def prepare_synthetic(out_dir: str | os.PathLike, seed: int = 0, *, n_train: int
              f"its tokenizer in {out_dir}")
   data = generate(seed, n_train, n_dev, n_test, n_passages, answer_position)
   for split in SPLITS:
-    _atomic_write(getattr(paths, split), [json.dumps(r) for r in data[split]])
-  _atomic_write(paths.corpus, data["corpus"])
+    atomic_write(getattr(paths, split), "".join(json.dumps(r) + "\n" for r in data[split]))
+  atomic_write(paths.corpus, "".join(line + "\n" for line in data["corpus"]))
   # A private temporary name: two processes may prepare the same directory at once (identical
   # results, as everything is a function of the seed).
   tmp_dir = tempfile.mkdtemp(dir=out_dir, prefix=".tmp-spiece-")
@@ -205,7 +199,7 @@ def prepare_synthetic(out_dir: str | os.PathLike, seed: int = 0, *, n_train: int
   os.replace(tmp_prefix + ".model", paths.tokenizer)
   os.replace(tmp_prefix + ".vocab", paths.tokenizer[:-len(".model")] + ".vocab")
   os.rmdir(tmp_dir)
-  _atomic_write(paths.manifest, [json.dumps(params, sort_keys=True)])
+  atomic_write(paths.manifest, json.dumps(params, sort_keys=True) + "\n")
   if announce:
     announce(f"generated {out_dir} in {time.perf_counter() - start:.1f} s")
   return paths
