@@ -35,6 +35,7 @@ EMBEDDED = 'experiments/embedded.py'
 LSA = {'model.decoder.cross_attention_period': 2}
 MQ = {'model.decoder.num_kv_heads': 1, 'model.decoder.cross_num_kv_heads': 1}
 PRETRAIN_STEPS = 1000
+PRETRAIN_LR = 2e-2  # the embedded default's fine-tuning rate (T5 pre-trained at 1e-2)
 
 
 def run(name: str, base: str, overrides: dict[str, Any] | None = None, **refs: str) -> dict:
@@ -59,24 +60,32 @@ def light(spec: str) -> list[dict]:
 
 
 def pretraining(spec: str, steps: int = PRETRAIN_STEPS) -> list[dict]:
-  """Span corruption (T5's recipe shrunk: lr 1e-2 constant for `steps` / 2 steps, then 1/sqrt) on
-  the corpus of the synthetic training records, 64-token inputs, batch 32."""
-  fid = f'{EMBEDDED}:fid{spec}'  # FiDO here is symmetric (micro-micro): it converts from the FiD
-  fido = {**LSA, **MQ}
+  """Span corruption (T5's recipe shrunk: lr PRETRAIN_LR constant for `steps` / 2 steps, then
+  1/sqrt) on the corpus of the synthetic training records, 64-token inputs, batch 32."""
+  # The FiD is exported to Hugging Face T5, whose stacks share one head layout: its decoder takes
+  # the encoder's (8 heads of 8). FiDO here is symmetric too: it converts from that FiD.
+  fid = f'{EMBEDDED}:fid{spec}'
+  exportable = {'model.decoder.size': 'custom', 'model.decoder.num_heads': 8,
+                'model.decoder.d_kv': 8, 'model.decoder.num_kv_heads': 8,
+                'model.decoder.cross_num_kv_heads': 8}
+  fido = {**exportable, **LSA, **MQ}
   pretrain = {'train.task': 'pretrain', 'data.curriculum.n_passages': (),
               'data.curriculum.steps': (), 'data.inputs_length': 64, 'train.batch_size': 32,
               'train.steps': steps, 'train.eval_every': 0, 'train.final_eval_split': '',
-              'optimizer.schedule': 'rsqrt', 'optimizer.warmup_steps': steps // 2}
+              'optimizer.schedule': 'rsqrt', 'optimizer.warmup_steps': steps // 2,
+              'optimizer.learning_rate': PRETRAIN_LR}
   # Uptraining continues where the schedule ended, at a constant rate (experiments/uptrain.py).
+  pretrain = {**exportable, **pretrain}
   uptrain = {**pretrain, 'train.steps': max(1, steps // 20), 'optimizer.schedule': 'constant',
-             'optimizer.learning_rate': 1e-2 * (0.5 ** 0.5)}
+             'optimizer.learning_rate': PRETRAIN_LR * (0.5 ** 0.5)}
   fresh = {'init.carry_second_moments': False}
   return [
       run('pre-train FiD', fid, pretrain),
-      run('FiD, random init', fid),
-      run('FiD, pre-trained', fid, init_from='pre-train FiD'),
-      run('FiD, pre-trained, fresh second moments', fid, fresh, init_from='pre-train FiD'),
-      run('FiD, pre-trained, via HF export', fid, convert_from='pre-train FiD'),
+      run('FiD, random init', fid, exportable),
+      run('FiD, pre-trained', fid, exportable, init_from='pre-train FiD'),
+      run('FiD, pre-trained, fresh second moments', fid, {**exportable, **fresh},
+          init_from='pre-train FiD'),
+      run('FiD, pre-trained, via HF export', fid, exportable, convert_from='pre-train FiD'),
       run('FiDO, random init', fid, fido),
       run('FiDO, converted', fid, fido, convert_from='pre-train FiD'),
       run('uptrain FiDO', fid, {**uptrain, **fido}, convert_from='pre-train FiD'),

@@ -170,7 +170,7 @@ def expand_runs(sweep: ml_collections.ConfigDict, modes: Sequence[str]) -> list[
   seeds = tuple(sweep.get('seeds') or ())
   if any(not isinstance(s, int) or isinstance(s, bool) for s in seeds) or len(set(seeds)) < len(seeds):
     raise ConfigError(f'config.sweep.seeds={seeds!r}: expected distinct integers')
-  expanded = []
+  expanded, models = [], {}
   for i, (run, run_slug) in enumerate(zip(runs, slugs)):
     for ref in ('init_from', 'convert_from'):
       if run.get(ref) and run[ref] not in [r['name'] for r in runs[:i]]:
@@ -179,7 +179,15 @@ def expand_runs(sweep: ml_collections.ConfigDict, modes: Sequence[str]) -> list[
       if run.get(ref) and 'train' not in modes:
         raise ConfigError(f'sweep {sweep.name!r} run {run["name"]!r}: {ref} needs training '
                           f'(config.sweep.modes={sweep.modes!r})')
+    if run.get('convert_from'):
+      try:  # the source is exported to Hugging Face T5 first: only a FiD layout can be
+        convert.hf_config_from_fid(models[run['convert_from']])
+      except convert.ConversionError as e:
+        raise ConfigError(f'sweep {sweep.name!r} run {run["name"]!r}: convert_from='
+                          f'{run["convert_from"]!r} cannot be exported to Hugging Face T5: {e}'
+                          ) from e
     config = run_config(sweep, run, train='train' in modes)
+    models[run['name']] = config.model
     for seed in seeds or (None,):
       seeded = ml_collections.ConfigDict(config.to_dict())
       if seed is not None:
