@@ -69,13 +69,12 @@ def pretraining(spec: str, steps: int = PRETRAIN_STEPS) -> list[dict]:
                 'model.decoder.d_kv': 8, 'model.decoder.num_kv_heads': 8,
                 'model.decoder.cross_num_kv_heads': 8}
   fido = {**exportable, **LSA, **MQ}
-  pretrain = {'train.task': 'pretrain', 'data.curriculum.n_passages': (),
+  pretrain = {**exportable, 'train.task': 'pretrain', 'data.curriculum.n_passages': (),
               'data.curriculum.steps': (), 'data.inputs_length': 64, 'train.batch_size': 32,
               'train.steps': steps, 'train.eval_every': 0, 'train.final_eval_split': '',
               'optimizer.schedule': 'rsqrt', 'optimizer.warmup_steps': steps // 2,
               'optimizer.learning_rate': PRETRAIN_LR}
   # Uptraining continues where the schedule ended, at a constant rate (experiments/uptrain.py).
-  pretrain = {**exportable, **pretrain}
   uptrain = {**pretrain, 'train.steps': max(1, steps // 20), 'optimizer.schedule': 'constant',
              'optimizer.learning_rate': PRETRAIN_LR * (0.5 ** 0.5)}
   fresh = {'init.carry_second_moments': False}
