@@ -27,8 +27,9 @@ import ml_collections
 
 from fido import config as fido_config
 
-# Base configs: (paper sizes, smoke). The smoke FiDO is the embedded default (micro encoder,
-# mini decoder, LSA-2, MQ); its FiD is micro-micro with cross-attention everywhere and MHA.
+# Base configs: (paper sizes, smoke). The smoke FiDO is the embedded default (micro-width encoder,
+# mini decoder, LSA-2, MQ); its FiD has the same encoder, a micro decoder, cross-attention
+# everywhere and MHA.
 BASES = {
     'fido': ('experiments/fido.py:base-xl,dtype=bfloat16', 'experiments/embedded.py:fido'),
     'fid': ('experiments/fid.py:base,dtype=bfloat16', 'experiments/embedded.py:fid'),

@@ -9,8 +9,8 @@ enough for a 2-core CPU: a 'micro'-width encoder (64 wide, 3 layers) and a large
   python run.py --mode=train --config=experiments/embedded.py:fid --workdir=workdirs/embedded-fid
   python run.py --mode=train --config=experiments/embedded.py:fido,smoke --workdir=/tmp/smoke
 
-Variants: fido (LSA-2 + MQ + asymmetric decoder), fid (the FiD baseline: micro-micro, cross-
-attention in every layer, multi-head). Arguments: `late` (the answer after two filler sentences,
+Variants: fido (LSA-2 + MQ + asymmetric decoder), fid (the FiD baseline: the same encoder, a
+'micro' decoder (64 wide, 2 layers), cross-attention in every layer, multi-head). Arguments: `late` (the answer after two filler sentences,
 48-token passages: the FiD-Light ablation's data), `smoke` (data and steps shrunk to seconds,
 for tests).
 """
