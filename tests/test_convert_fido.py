@@ -9,45 +9,22 @@ import os
 import shutil
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
 
 from fido import convert, convert_checkpoint, convert_fido, experiment, optim, start
-from fido.config import ConfigError, load_config_file, model_config
+from fido.config import ConfigError, load_config_file
 from fido.model.fid import make_model
 from fido.train_step import init_train_state, make_train_step
+from tests.model_fixtures import VOCAB, custom, flat, init_params
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-VOCAB = 96
-
-
-def custom(encoder='tiny', decoder=None, enc_overrides=None, dec_overrides=None, **kwargs):
-  """A model config whose stacks may leave the size table (then size='custom')."""
-  kwargs.setdefault('vocab_size', VOCAB)
-  config = model_config(encoder, decoder, **kwargs)
-  for stack, overrides in (('encoder', enc_overrides), ('decoder', dec_overrides)):
-    if overrides:
-      config[stack].update(size='custom', **overrides)
-  return config
-
-
-def init_params(config, seed):
-  ids = jnp.zeros((1, 1, 4), jnp.int32)
-  params = jax.jit(make_model(config).init)(jax.random.PRNGKey(seed), ids, ids != 0, ids[:, 0])
-  rng = np.random.default_rng(seed)  # randomise what init leaves constant (norm scales)
-  return {m: {p: (rng.uniform(0.5, 1.5, v.shape).astype(np.float32) if p == 'scale' else np.asarray(v))
-              for p, v in leaves.items()} for m, leaves in params.items()}
 
 
 def hf_checkpoint(directory, config, seed=0):
   params = init_params(config, seed)
   return convert.save_hf_t5(params, config, directory), params
-
-
-def flat(params):
-  return {f'{m}/{p}': v for m, leaves in params.items() for p, v in leaves.items()}
 
 
 def param_shapes(config):

@@ -6,34 +6,10 @@ import numpy as np
 import pytest
 
 from fido import optim, sharding
-from fido.config import model_config
 from fido.errors import ConversionError
 from fido.model import kv_heads
 from fido.model.fid import make_model
-
-VOCAB = 96
-
-
-def custom(encoder='tiny', decoder=None, enc_overrides=None, dec_overrides=None, **kwargs):
-  """A model config whose stacks may leave the size table (then size='custom')."""
-  kwargs.setdefault('vocab_size', VOCAB)
-  config = model_config(encoder, decoder, **kwargs)
-  for stack, overrides in (('encoder', enc_overrides), ('decoder', dec_overrides)):
-    if overrides:
-      config[stack].update(size='custom', **overrides)
-  return config
-
-
-def init_params(config, seed):
-  ids = jnp.zeros((1, 1, 4), jnp.int32)
-  params = jax.jit(make_model(config).init)(jax.random.PRNGKey(seed), ids, ids != 0, ids[:, 0])
-  rng = np.random.default_rng(seed)  # randomise what init leaves constant (norm scales)
-  return {m: {p: (rng.uniform(0.5, 1.5, v.shape).astype(np.float32) if p == 'scale'
-                  else np.asarray(v)) for p, v in leaves.items()} for m, leaves in params.items()}
-
-
-def flat(params):
-  return {f'{m}/{p}': v for m, leaves in params.items() for p, v in leaves.items()}
+from tests.model_fixtures import custom, flat, init_params
 
 
 def pool64(w, num_kv_heads):
