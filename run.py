@@ -42,6 +42,8 @@ def main(argv):
   if mode == 'show_config':
     print(config)
   elif mode == 'train':
+    # Something on screen at once: importing the training stack and starting up take seconds.
+    print(f'{config.name}: training in {_WORKDIR.value}', file=sys.stderr, flush=True)
     from fido import train  # pylint: disable=g-import-not-at-top
     _print_json(train.run_train(config, _WORKDIR.value, overwrite=_OVERWRITE.value))
   elif mode == 'eval':
