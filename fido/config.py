@@ -256,6 +256,42 @@ def bench_config(setting: str = 'paper') -> ml_collections.ConfigDict:
       **settings[setting]))
 
 
+# The sections of --mode=retrieve and --mode=predict live here, not in their modules: those import
+# bm25s, which starts a JAX backend when imported, and config assembly must not (a multi-host run
+# initialises jax.distributed first).
+def retrieve_config() -> ml_collections.ConfigDict:
+  """The `config.retrieve` section: a BM25 index over a passage corpus, top-k per question."""
+  return ml_collections.ConfigDict(dict(
+      corpus='',             # passages: DPR tsv, JSONL {id, title, text} or text, one per line;
+                             # '' = the synthetic data's passages (all splits, pooled)
+      corpus_format='auto',  # 'auto' (by name) | 'dpr_tsv' | 'jsonl' | 'text'
+      questions='',          # question files, comma-separated; '' = config.data.test
+      questions_format='auto',  # 'auto' (by name) | 'fid' | 'dpr_qas'
+      top_k=100,             # passages written per question
+      k1=0.9, b=0.4,         # BM25 parameters (Anserini's defaults)
+      method='lucene',       # bm25s scoring variant
+      stopwords='en',        # bm25s stop-word list ('' = none)
+      recall_at=(1, 5, 10, 20, 100),
+      progress=True,
+  ))
+
+
+def predict_config() -> ml_collections.ConfigDict:
+  """The `config.predict` section: answers for questions, with or without gold answers."""
+  return ml_collections.ConfigDict(dict(
+      questions='',          # a question file (fid or dpr_qas format); '' = config.data.test
+      questions_format='auto',
+      index='',              # a --mode=retrieve workdir: passages for questions without them
+      step=-1,               # checkpoint step; -1 = the latest
+      beam_size=1,           # 1 = greedy
+      alpha=0.6,             # beam-search length penalty exponent
+      batch_size=16,
+      max_decode_len=0,      # 0 = config.data.target_len
+      crossattention_scores=True,  # each passage's share of the decoder's cross-attention
+      progress=True,
+  ))
+
+
 def load_config_module(path: str) -> Any:
   """The config file at `path` as a module (its get_config, VARIANTS, docstring, ...)."""
   if not os.path.isfile(path):

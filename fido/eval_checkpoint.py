@@ -67,6 +67,7 @@ def default_config() -> ml_collections.ConfigDict:
       max_decode_len=0,     # 0 = config.data.target_len
       max_examples=0,       # 0 = all records of the split
       progress=True,        # tqdm bar (shown on a terminal only)
+      crossattention_scores=False,  # write each passage's cross-attention score (FiD's option)
       watch=False,          # evaluate each new checkpoint as training writes it
       poll_seconds=60.0,
       timeout_seconds=3600.0,  # watch: stop after this long without a new checkpoint

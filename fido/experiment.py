@@ -27,4 +27,6 @@ def default_config() -> ml_collections.ConfigDict:
       eval=eval_checkpoint.default_config(),
       bench=fido_config.bench_config('paper'),
       convert=convert_checkpoint.default_config(),
+      retrieve=fido_config.retrieve_config(),
+      predict=fido_config.predict_config(),
   ))

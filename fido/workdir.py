@@ -18,7 +18,8 @@ def _comparable(config: ml_collections.ConfigDict) -> dict:
   d = config.to_dict()
   for section, fields in (('train', ('steps', 'log_every', 'eval_every', 'eval_examples',
                                      'progress', 'checkpoint_every')),
-                          ('eval', None), ('bench', None)):
+                          ('eval', None), ('bench', None), ('retrieve', None),
+                          ('predict', None)):
     if fields is None:
       d.pop(section, None)
     else:

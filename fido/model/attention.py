@@ -73,15 +73,20 @@ class Attention(hk.Module):
     return q.transpose(0, 2, 3, 1, 4)
 
   def attend(self, q_BxKxGxTxE: jax.Array, k_BxKxExS: jax.Array, v_BxKxSxE: jax.Array,
-             bias: jax.Array, *, is_training: bool) -> jax.Array:
-    """softmax(q k^T + bias) v, then the output projection; `bias` is float32 [B|1, H|1, T|1, S]."""
+             bias: jax.Array, *, is_training: bool, return_weights: bool = False):
+    """softmax(q k^T + bias) v, then the output projection; `bias` is float32 [B|1, H|1, T|1, S].
+
+    Returns out [B, T, D], or with `return_weights` (out, the attention probabilities
+    float32 [B, K, G, T, S] before dropout).
+    """
     b, k, g, t, e = q_BxKxGxTxE.shape
     logits_BxKxGxTxS = jnp.einsum('bkgte,bkes->bkgts', q_BxKxGxTxE, k_BxKxExS,
                                   preferred_element_type=jnp.float32)
-    weights = jax.nn.softmax(logits_BxKxGxTxS + _grouped(bias, k), axis=-1)
-    weights = dropout(weights, self.dropout_rate, is_training).astype(v_BxKxSxE.dtype)
+    probs_BxKxGxTxS = jax.nn.softmax(logits_BxKxGxTxS + _grouped(bias, k), axis=-1)
+    weights = dropout(probs_BxKxGxTxS, self.dropout_rate, is_training).astype(v_BxKxSxE.dtype)
     out_BxKxGxTxE = jnp.einsum('bkgts,bkse->bkgte', weights, v_BxKxSxE)
     w_o = hk.get_parameter('output', [k * g, e, self.d_model], jnp.float32,
                            init=hk.initializers.RandomNormal((k * g * e)**-0.5))
     w_o_HExD = self.policy.cast_to_compute(w_o).reshape(k * g * e, self.d_model)
-    return out_BxKxGxTxE.transpose(0, 3, 1, 2, 4).reshape(b, t, k * g * e) @ w_o_HExD
+    out_BxTxD = out_BxKxGxTxE.transpose(0, 3, 1, 2, 4).reshape(b, t, k * g * e) @ w_o_HExD
+    return (out_BxTxD, probs_BxKxGxTxS) if return_weights else out_BxTxD

@@ -65,13 +65,15 @@ class DecoderLayer(hk.Module):
     return self.cross_attention.project_kv(enc_BxSxDenc)
 
   def __call__(self, x_BxTxD: jax.Array, self_bias: jax.Array, cross_kv, cross_bias: jax.Array,
-               self_cache=None, *, is_training: bool):
+               self_cache=None, *, is_training: bool, with_cross_attention: bool = False):
     """One layer over T new positions.
 
     self_bias: float32 [1, H, T, T] (full) or [1, H, T, M] (cached): relative bias + causal mask.
     cross_kv: (k [B, C, E, S], v [B, C, S, E]), or None in layers without cross-attention.
     self_cache: None, or (k [B, K, E, M], v [B, K, M, E], position) to write the T new ones into.
-    Returns (x [B, T, D], (k, v): this layer's self-attention keys/values incl. the new positions).
+    Returns (x [B, T, D], (k, v): this layer's self-attention keys/values incl. the new positions,
+    cross-attention probabilities averaged over heads float32 [B, T, S] when
+    `with_cross_attention` and the layer cross-attends, else None).
     """
     h_BxTxD = self.self_attention_norm(x_BxTxD)
     k_BxKxExT, v_BxKxTxE = self.self_attention.project_kv(h_BxTxD)
@@ -85,14 +87,20 @@ class DecoderLayer(hk.Module):
                                          v_BxKxTxE, self_bias, is_training=is_training)
     x_BxTxD = x_BxTxD + dropout(h_BxTxD, self.dropout_rate, is_training)
 
+    cross_BxTxS = None
     if self.has_cross_attention:
       h_BxTxD = self.cross_attention_norm(x_BxTxD)
       h_BxTxD = self.cross_attention.attend(self.cross_attention.project_query(h_BxTxD),
-                                            *cross_kv, cross_bias, is_training=is_training)
+                                            *cross_kv, cross_bias, is_training=is_training,
+                                            return_weights=with_cross_attention)
+      if with_cross_attention:
+        h_BxTxD, probs_BxKxGxTxS = h_BxTxD
+        cross_BxTxS = probs_BxKxGxTxS.mean(axis=(1, 2))
       x_BxTxD = x_BxTxD + dropout(h_BxTxD, self.dropout_rate, is_training)
 
     h_BxTxD = self.mlp(self.mlp_norm(x_BxTxD), is_training=is_training)
-    return x_BxTxD + dropout(h_BxTxD, self.dropout_rate, is_training), (k_BxKxExT, v_BxKxTxE)
+    x_BxTxD = x_BxTxD + dropout(h_BxTxD, self.dropout_rate, is_training)
+    return x_BxTxD, (k_BxKxExT, v_BxKxTxE), cross_BxTxS
 
 
 class Decoder(hk.Module):
@@ -129,7 +137,7 @@ class Decoder(hk.Module):
     x_BxTxD = dropout(y_BxTxD, self.dropout_rate, is_training)
     for layer in self.layers:
       cross_kv = layer.project_cross_kv(enc_BxSxDenc) if layer.has_cross_attention else None
-      x_BxTxD, _ = layer(x_BxTxD, self_bias, cross_kv, cross_bias, is_training=is_training)
+      x_BxTxD, _, _ = layer(x_BxTxD, self_bias, cross_kv, cross_bias, is_training=is_training)
     return dropout(self.final_norm(x_BxTxD), self.dropout_rate, is_training)
 
   def init_cache(self, enc_BxSxDenc: jax.Array, enc_mask_BxS: jax.Array,
@@ -147,19 +155,25 @@ class Decoder(hk.Module):
                         cross_k=tuple(k for k, _ in cross_kv), cross_v=tuple(v for _, v in cross_kv),
                         cross_bias=mask_to_bias(enc_mask_BxS))
 
-  def step(self, y_Bx1xD: jax.Array, cache: DecoderCache) -> tuple[jax.Array, DecoderCache]:
-    """Decodes the token at `cache.position`; returns hidden [B, 1, D] and the updated cache."""
+  def step(self, y_Bx1xD: jax.Array, cache: DecoderCache, *, with_cross_attention: bool = False):
+    """Decodes the token at `cache.position`; returns hidden [B, 1, D] and the updated cache, and
+    with `with_cross_attention` the cross-attention probabilities over the encoder tokens averaged
+    over heads and the cross-attending layers (only every K-th layer with LSA), float32 [B, S]."""
     max_length = cache.self_v[0].shape[2]
     self_bias = self._self_bias(cache.position[None], jnp.arange(max_length))
     x_Bx1xD = y_Bx1xD
-    new_k, new_v = [], []
+    new_k, new_v, cross = [], [], []
     cross_kv = iter(zip(cache.cross_k, cache.cross_v))
     for i, layer in enumerate(self.layers):
-      x_Bx1xD, (k, v) = layer(x_Bx1xD, self_bias, next(cross_kv) if layer.has_cross_attention else None,
-                              cache.cross_bias,
-                              self_cache=(cache.self_k[i], cache.self_v[i], cache.position),
-                              is_training=False)
+      x_Bx1xD, (k, v), probs_Bx1xS = layer(
+          x_Bx1xD, self_bias, next(cross_kv) if layer.has_cross_attention else None,
+          cache.cross_bias, self_cache=(cache.self_k[i], cache.self_v[i], cache.position),
+          is_training=False, with_cross_attention=with_cross_attention)
       new_k.append(k)
       new_v.append(v)
+      if probs_Bx1xS is not None:
+        cross.append(probs_Bx1xS[:, 0])
     cache = cache._replace(position=cache.position + 1, self_k=tuple(new_k), self_v=tuple(new_v))
+    if with_cross_attention:
+      return self.final_norm(x_Bx1xD), cache, sum(cross) / len(cross)
     return self.final_norm(x_Bx1xD), cache

@@ -9,6 +9,8 @@ T target length, D width, V vocabulary.
   encode(params, passage_ids, passage_mask) -> (enc [B, S, D_enc], enc_mask [B, S])
   init_cache(params, enc, enc_mask, max_length) -> DecoderCache (cross-attention K/V projected once)
   decode_step(params, token_ids [B], cache) -> (logits [B, V], cache)
+  decode_step(params, token_ids, cache, with_cross_attention=True) -> (logits, cache, cross [B, S]):
+      also the cross-attention probabilities averaged over heads and cross-attending layers
 Logits are float32 whatever the compute dtype.
 """
 
@@ -98,10 +100,12 @@ class FiD:
                  max_length: int) -> DecoderCache:
     return self.decoder.init_cache(enc_BxSxD, enc_mask_BxS, max_length)
 
-  def decode_step(self, token_ids_B: jax.Array, cache: DecoderCache) -> tuple[jax.Array, DecoderCache]:
+  def decode_step(self, token_ids_B: jax.Array, cache: DecoderCache, *,
+                  with_cross_attention: bool = False):
     y_Bx1xD = self.decoder_embedding(token_ids_B[:, None])
-    hidden_Bx1xD, cache = self.decoder.step(y_Bx1xD, cache)
-    return self.output_projection(hidden_Bx1xD)[:, 0], cache
+    hidden_Bx1xD, cache, *cross_BxS = self.decoder.step(y_Bx1xD, cache,
+                                                         with_cross_attention=with_cross_attention)
+    return (self.output_projection(hidden_Bx1xD)[:, 0], cache, *cross_BxS)
 
 
 class FiDFunctions(NamedTuple):
@@ -140,8 +144,9 @@ def make_model(config: ml_collections.ConfigDict) -> FiDFunctions:
   def init_cache(params, enc, enc_mask, max_length):
     return init_cache_fn(params, None, enc, enc_mask, max_length)
 
-  def decode_step(params, token_ids, cache):
-    return decode_step_fn(params, None, token_ids, cache)
+  def decode_step(params, token_ids, cache, with_cross_attention=False):
+    return decode_step_fn(params, None, token_ids, cache,
+                          with_cross_attention=with_cross_attention)
 
   return FiDFunctions(transformed.init, forward, encode, init_cache, decode_step, config)
 
