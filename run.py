@@ -21,9 +21,11 @@ _CONFIG = config_flags.DEFINE_config_file('config', cli.DEFAULT_CONFIG,
                                           'Experiment config file[:argument].')
 _MODE = flags.DEFINE_enum('mode', 'train', list(cli.MODES), 'What to run.')
 _WORKDIR = flags.DEFINE_string('workdir', 'workdirs/embedded-fido',
-                               'train and eval: the run\'s directory (checkpoints, metrics, the '
-                               'config; eval writes eval_<split>/ there); sweep: the results '
-                               'directory (default: config.sweep.workdir).')
+                               'train, eval and predict: the run\'s directory (checkpoints, '
+                               'metrics, the config; eval writes eval_<split>/ there, predict '
+                               'predict_<name>/); retrieve: where the index and the retrieved '
+                               'files go; sweep: the results directory (default: '
+                               'config.sweep.workdir).')
 _OVERWRITE = flags.DEFINE_bool('overwrite', False,
                                'train: start afresh, deleting what the workdir holds (else a '
                                'run resumes, and a different run there is refused).')
@@ -49,6 +51,13 @@ def main(argv):
   elif mode == 'eval':
     from fido import eval_checkpoint  # pylint: disable=g-import-not-at-top
     _print_json(eval_checkpoint.run_eval(config, _WORKDIR.value, default_workdir=not workdir_given))
+  elif mode == 'retrieve':
+    from fido import retrieve  # pylint: disable=g-import-not-at-top
+    _print_json(retrieve.run_retrieve(
+        config, _WORKDIR.value if workdir_given else retrieve.DEFAULT_WORKDIR))
+  elif mode == 'predict':
+    from fido import predict  # pylint: disable=g-import-not-at-top
+    _print_json(predict.run_predict(config, _WORKDIR.value))
   elif mode == 'bench':
     from fido import bench  # pylint: disable=g-import-not-at-top
     for result in bench.run_bench(config):  # one line per result as it is measured

@@ -38,6 +38,7 @@ from fido.errors import UserError
 from fido.files import atomic_write
 
 _LOG = logging.getLogger(__name__)
+logging.getLogger('bm25s').setLevel(logging.WARNING)  # bm25s sets DEBUG: a line per index built
 INDEX_VERSION = 1
 MANIFEST = 'manifest.json'
 PASSAGES = 'passages.jsonl'

@@ -25,6 +25,8 @@ from fido.errors import EXIT_USER_ERROR, UserError, did_you_mean
 MODES: Mapping[str, str] = {
     'train': 'train (pre-train, fine-tune or uptrain) into --workdir, then evaluate on test',
     'eval': 'decode the checkpoints of the run in --workdir on a split and score them',
+    'retrieve': 'BM25 passages for questions into --workdir: FiD files, recall@k (config.retrieve)',
+    'predict': 'answer questions with the checkpoint in --workdir (config.predict); no gold needed',
     'bench': 'time encoder and decoder inference (config.bench)',
     'analyze': 'FLOPs, memory traffic and roofline of the model on --device',
     'compile_time': 'seconds to compile the decode loop and the train step (abstract shapes)',
@@ -64,8 +66,9 @@ def help_text(root: str = '.') -> str:
     if variants:
       lines.append(f'      variants: {variants}')
   lines += ['', 'flags:',
-            '  --workdir=DIR        train, eval: the run (checkpoints, metrics.jsonl, eval_<split>/);'
-            ' sweep: results',
+            '  --workdir=DIR        train, eval, predict: the run (checkpoints, metrics.jsonl, '
+            'eval_<split>/, predict_<name>/); retrieve: the index and retrieved files; sweep: '
+            'results',
             '  --overwrite          train: delete what --workdir holds and start afresh',
             '  --device=NAME        analyze: a device of fido.analysis.DEVICES, or cpu (probed)',
             '  --config.FIELD=V     set any config field; list them with --mode=show_config',

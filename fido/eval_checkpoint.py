@@ -131,6 +131,48 @@ def _split_name(split_path: str) -> str:
   return name
 
 
+def build_reader(config: ml_collections.ConfigDict, saved: ml_collections.ConfigDict | None):
+  """(model, data section, tokenizer) for decoding a checkpoint saved with config `saved`: the
+  model of config.model (else the checkpoint's), config.data (else the checkpoint's)."""
+  config_model = config.get('model')
+  saved_model = saved.get('model') if saved is not None else None
+  if config_model is None and saved_model is None:
+    raise ConfigError('neither config.model nor the checkpoint describe the model')
+  # The checkpoint's model, with the config's eval-time choices (dtype) where it has them.
+  model_config = ml_collections.ConfigDict(
+      config_model if config_model is not None else saved_model)
+  data = config.get('data')
+  if data is None and saved is not None:
+    data = saved.get('data')
+  if not data:
+    raise ConfigError('config.data is missing: decoding needs config.data.{tokenizer, '
+                      'n_passages, passage_len, target_len}')
+  saved_data = saved.get('data') if saved is not None else None
+  if saved_data is not None and saved_data.get('tokenizer') != data.get('tokenizer'):
+    _LOG.warning('decoding with tokenizer %s; the checkpoint was trained with %s',
+                 data.get('tokenizer'), saved_data.get('tokenizer'))
+  tokenizer = load_tokenizer(data['tokenizer'], model_vocab_size=model_config.vocab_size)
+  return make_model(model_config), data, tokenizer
+
+
+def restore_reader(config: ml_collections.ConfigDict, checkpoint_dir_or_workdir: str,
+                   step: int | None = None):
+  """(model, params, data section, tokenizer, step) of a checkpoint (None: the latest), after
+  checking that config.model describes it (`check_model_matches`)."""
+  directory = resolve_checkpoint_dir(checkpoint_dir_or_workdir)
+  if not _list_steps(checkpoint_dir_or_workdir):
+    raise CheckpointError(f'no checkpoint found under {checkpoint_dir_or_workdir}')
+  with Checkpointer(directory, read_only=True) as ckpt:
+    saved = ckpt.restore({'params': None}, step=step)  # the JSON items: the step and the config
+    saved_model = saved.config.get('model') if saved.config is not None else None
+    if saved_model is not None and config.get('model') is not None:
+      check_model_matches(saved_model, config.model, f'checkpoint {directory}/{saved.step}')
+    model, data, tokenizer = build_reader(config, saved.config)
+    abstract = jax.eval_shape(lambda rng: init_params(model, rng), jax.random.PRNGKey(0))
+    step, params = ckpt.restore_params_only(abstract, step=saved.step)
+  return model, params, data, tokenizer, int(step)
+
+
 class _CheckpointEvaluator:
   """Evaluates steps of one checkpoint directory on one split; builds the model and reads the
   split once (on the first step, from the config that checkpoint was saved with)."""
@@ -143,25 +185,7 @@ class _CheckpointEvaluator:
     self.model = None
 
   def _setup(self, saved: ml_collections.ConfigDict | None) -> None:
-    config_model = self.config.get('model')
-    saved_model = saved.get('model') if saved is not None else None
-    if config_model is None and saved_model is None:
-      raise ConfigError('neither config.model nor the checkpoint describe the model')
-    # The checkpoint's model, with the config's eval-time choices (dtype) where it has them.
-    model_config = ml_collections.ConfigDict(
-        config_model if config_model is not None else saved_model)
-    self.model = make_model(model_config)
-    data = self.config.get('data')
-    if data is None and saved is not None:
-      data = saved.get('data')
-    if not data:
-      raise ConfigError('config.data is missing: evaluation needs config.data.{tokenizer, '
-                        'n_passages, passage_len, target_len}')
-    saved_data = saved.get('data') if saved is not None else None
-    if saved_data is not None and saved_data.get('tokenizer') != data.get('tokenizer'):
-      _LOG.warning('evaluating with tokenizer %s; the checkpoint was trained with %s',
-                   data.get('tokenizer'), saved_data.get('tokenizer'))
-    self.tokenizer = load_tokenizer(data['tokenizer'], model_vocab_size=model_config.vocab_size)
+    self.model, data, self.tokenizer = build_reader(self.config, saved)
     self.split = _split_path(data, self.split)
     records, report = read_fid_file(self.split, require_answers=False,
                                     n_passages=data['n_passages'],
@@ -203,7 +227,8 @@ class _CheckpointEvaluator:
     metrics, predictions = evaluate_records(
         self.model, params, self.records, self.tokenizer, batch_size=self.eval.batch_size,
         beam_size=self.eval.beam_size, alpha=self.eval.alpha, max_decode_len=max_len,
-        progress=self.eval.progress, **self.lengths)
+        progress=self.eval.progress,
+        crossattention_scores=bool(self.eval.get('crossattention_scores', False)), **self.lengths)
     metrics.update(step=int(step), split=self.split, checkpoint=directory)
     if self.skipped:
       metrics['skipped_records'] = self.skipped

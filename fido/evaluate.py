@@ -5,8 +5,10 @@
   write_predictions(path, predictions); write_metrics(path, metrics)
 
 The training loop's periodic dev EM calls `evaluate_records`; `run.py --mode=eval` (checkpoint to
-predictions, watch mode) is fido/eval_checkpoint.py. Prediction files are JSONL, one line per
-record in file order: question, prediction, answers, correct, f1. Writes are atomic.
+predictions, watch mode) is fido/eval_checkpoint.py; `run.py --mode=predict` (no gold answers
+needed) is fido/predict.py. Prediction files are JSONL, one line per record in file order:
+question, prediction, sequence_score, answers, correct, f1, and optionally the passages used (id,
+title, retrieval score, cross-attention score). Writes are atomic.
 """
 
 import collections
@@ -35,13 +37,16 @@ _LOG = logging.getLogger(__name__)
 _DECODE_FNS: collections.OrderedDict = collections.OrderedDict()
 
 
-def _cached_decode_fn(model: FiDFunctions, max_length: int, beam_size: int, alpha: float):
+def _cached_decode_fn(model: FiDFunctions, max_length: int, beam_size: int, alpha: float,
+                      cross_attention: bool = False):
   """One jitted decode function per (model, settings), so repeated evals compile once."""
-  key = (id(model.decode_step), max_length, beam_size, alpha if beam_size > 1 else None)
+  key = (id(model.decode_step), max_length, beam_size, alpha if beam_size > 1 else None,
+         cross_attention)
   if key in _DECODE_FNS and _DECODE_FNS[key][0] is model.decode_step:
     _DECODE_FNS.move_to_end(key)
     return _DECODE_FNS[key][1]
-  fn = make_decode_fn(model, max_length=max_length, beam_size=beam_size, alpha=alpha)
+  fn = make_decode_fn(model, max_length=max_length, beam_size=beam_size, alpha=alpha,
+                      cross_attention=cross_attention)
   _DECODE_FNS[key] = (model.decode_step, fn)  # holding decode_step keeps its id from being reused
   while len(_DECODE_FNS) > 8:
     _DECODE_FNS.popitem(last=False)
@@ -61,25 +66,36 @@ def detokenize(tokenizer: Tokenizer, ids: Sequence[int]) -> str:
 def predict(model: FiDFunctions, params, records: Sequence[dict], tokenizer: Tokenizer, *,
             n_passages: int, passage_len: int, target_len: int, batch_size: int,
             beam_size: int = 1, alpha: float = 0.6, max_decode_len: int | None = None,
-            progress: bool = True, decode_fn: Callable | None = None) -> list[dict]:
-  """Decodes every record once; per-record {question, prediction, answers, exact_match, f1}.
+            progress: bool = True, decode_fn: Callable | None = None, passages: bool = False,
+            crossattention_scores: bool = False) -> list[dict]:
+  """Decodes every record once; per record {question, prediction, sequence_score, answers,
+  exact_match, f1} and, with `passages` or `crossattention_scores`, the passages it used:
+  `passages` [{id, title, score (the retriever's)}] for its first n_passages ctxs ([] for a
+  closed-book record), with each passage's `crossattention_score` (fido.decoding.passage_scores)
+  when `crossattention_scores`.
 
   Greedy when beam_size == 1, else beam search; one jitted function at fixed shapes [batch_size,
   n_passages, passage_len], reused across calls with the same model. Rows are in record order;
-  exact_match/f1 are None for a record without answers. `decode_fn(params, passage_ids,
-  passage_mask) -> DecodeOutput | tokens [B, M]` replaces the model's decoder (tests).
+  exact_match/f1 are None for a record without answers; sequence_score is the decoder's (summed
+  log-probability, or the beam score), None when `decode_fn` (tests: `(params, passage_ids,
+  passage_mask) -> DecodeOutput | tokens [B, M]`, replacing the model's decoder) gives tokens only.
   """
   if decode_fn is None:
-    decode_fn = _cached_decode_fn(model, max_decode_len or target_len, beam_size, alpha)
+    decode_fn = _cached_decode_fn(model, max_decode_len or target_len, beam_size, alpha,
+                                  crossattention_scores)
   loader = qa_eval_loader(records, tokenizer, batch_size=batch_size, n_passages=n_passages,
                           passage_len=passage_len, target_len=target_len, shard_index=0,
                           shard_count=1)
   rows: list[dict | None] = [None] * len(records)
 
   def finish(example_index_B: np.ndarray, out: Any) -> int:
-    tokens_BxM = np.asarray(out.tokens if isinstance(out, DecodeOutput) else out)
+    decoded = isinstance(out, DecodeOutput)
+    tokens_BxM = np.asarray(out.tokens if decoded else out)
+    sequence_B = np.asarray(out.scores) if decoded else [None] * len(tokens_BxM)
+    cross_BxP = (np.asarray(out.passage_scores) if decoded and out.passage_scores is not None
+                 else None)
     done = 0
-    for index, ids in zip(example_index_B, tokens_BxM):
+    for row, (index, ids) in enumerate(zip(example_index_B, tokens_BxM)):
       if index < 0:  # a padding row of the last batch
         continue
       if rows[index] is not None:
@@ -89,7 +105,14 @@ def predict(model: FiDFunctions, params, records: Sequence[dict], tokenizer: Tok
       scores = (metrics_lib.score(prediction, answers) if answers
                 else {'exact_match': None, 'f1': None})
       rows[index] = {'question': record['question'], 'prediction': prediction,
+                     'sequence_score': None if sequence_B[row] is None else float(sequence_B[row]),
                      'answers': answers, **scores}
+      if passages or crossattention_scores:
+        used = (record.get('ctxs') or [])[:n_passages]
+        rows[index]['passages'] = [
+            {'id': c.get('id'), 'title': c.get('title'), 'score': c.get('score'),
+             **({'crossattention_score': float(cross_BxP[row, j])} if cross_BxP is not None
+                else {})} for j, c in enumerate(used)]
       done += 1
     return done
 
@@ -137,14 +160,17 @@ def evaluate_records(model: FiDFunctions, params, records: Sequence[dict], token
 # --------------------------------------------------------------------------------------- files
 
 def write_predictions(path: str, predictions: Sequence[Mapping[str, Any]]) -> None:
-  """JSONL, one line per record: question, prediction, answers, correct (EM as bool), f1."""
+  """JSONL, one line per record: question, prediction, sequence_score, answers, correct (EM as
+  bool), f1, and `passages` when the rows have them."""
   lines = []
   for p in predictions:
     em = p.get('exact_match')
-    lines.append(json.dumps({'question': p['question'], 'prediction': p['prediction'],
-                             'answers': list(p['answers']),
-                             'correct': None if em is None else bool(em), 'f1': p.get('f1')},
-                            ensure_ascii=False) + '\n')
+    line = {'question': p['question'], 'prediction': p['prediction'],
+            'sequence_score': p.get('sequence_score'), 'answers': list(p['answers']),
+            'correct': None if em is None else bool(em), 'f1': p.get('f1')}
+    if 'passages' in p:
+      line['passages'] = p['passages']
+    lines.append(json.dumps(line, ensure_ascii=False) + '\n')
   atomic_write(path, ''.join(lines))
 
 

@@ -16,8 +16,9 @@ import pytest
 from fido import checkpoint, optim, start, train, train_step
 from fido import workdir as workdir_lib
 from fido.config import load_config_file
-from fido.data import features, stream
+from fido.data import stream
 from fido.data.errors import DataError
+from fido.data.has_answer import has_answer
 from fido.data.sources import resolve_data
 from fido.data.tokenizer import load_tokenizer
 from fido.model.fid import make_model
@@ -293,7 +294,7 @@ def test_passage_curriculum_feeds_gold_passages_first(data_dir):
     for ids, i in zip(batch['passage_ids'][:, 0], batch['example_index']):
       text = tokenizer.decode([t for t in ids if t > 1])
       top = records[i]['ctxs'][0]
-      firsts.append((features.has_answer(text, records[i]['answers']),
+      firsts.append((has_answer(records[i]['answers'], text),
                      text.endswith(f"title: {top['title']} context: {top['text']}")))
     return firsts
 

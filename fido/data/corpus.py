@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import csv
 import gzip
-import io
 import json
 import os
 import sys
@@ -48,25 +47,22 @@ def detect_format(path: str, fmt: str = 'auto') -> str:
   return 'text'
 
 
-def open_text(path: str) -> io.TextIOWrapper:
-  """A UTF-8 text stream of `path`, gunzipped when it starts with the gzip magic bytes."""
+def numbered_lines(path: str) -> Iterator[tuple[int, str]]:
+  """(1-based line number, line without its newline) of a UTF-8 text file, gunzipped when it
+  starts with the gzip magic bytes; DataError naming the line that is not UTF-8, or the file."""
   if not os.path.isfile(path):
     raise DataError(f'{path}: file not found')
-  with open(path, 'rb') as f:
-    compressed = f.read(2) == _GZIP_MAGIC
-  raw = gzip.open(path, 'rb') if compressed else open(path, 'rb')  # pylint: disable=consider-using-with
-  return io.TextIOWrapper(raw, encoding='utf-8-sig', newline='')
-
-
-def numbered_lines(path: str) -> Iterator[tuple[int, str]]:
-  """(1-based line number, line without its newline) of a text file; DataError when unreadable."""
-  n = 0
   try:
-    with open_text(path) as f:
-      for n, line in enumerate(f, 1):
-        yield n, line.rstrip('\r\n')
-  except UnicodeDecodeError as e:
-    raise DataError(f'{path}: line {n + 1}: not valid UTF-8 ({e.reason})') from None
+    with open(path, 'rb') as f:
+      compressed = f.read(2) == _GZIP_MAGIC
+    with (gzip.open if compressed else open)(path, 'rb') as f:
+      for n, raw in enumerate(f, 1):
+        try:
+          line = raw.decode('utf-8')
+        except UnicodeDecodeError as e:
+          raise DataError(f'{path}: line {n}: not valid UTF-8 (byte {e.start}: '
+                          f'{raw[e.start:e.start + 1]!r})') from None
+        yield n, (line.removeprefix('\ufeff') if n == 1 else line).rstrip('\r\n')
   except (OSError, EOFError, zlib.error) as e:
     raise DataError(f'{path}: cannot read ({type(e).__name__}: {e})') from None
 

@@ -18,8 +18,8 @@ from typing import Sequence
 import numpy as np
 
 from fido.data.errors import DataError, where
+from fido.data.has_answer import has_answer
 from fido.data.tokenizer import EOS_ID, Tokenizer
-from fido.metrics import normalize_answer
 
 ANSWER_CHOICES = ("first", "random")
 
@@ -122,12 +122,6 @@ def choose_target(record: dict, answer_choice: str = "first",
   return answers[0]
 
 
-def has_answer(text: str, answers: list[str]) -> bool:
-  """True if some answer occurs in `text` as whole words after SQuAD normalization (DPR's test)."""
-  padded = f" {normalize_answer(text)} "
-  return any(f" {a} " in padded for a in map(normalize_answer, answers) if a)
-
-
 def answer_first(record: dict) -> dict:
   """The record with its answer-bearing passages moved to the front (each group keeps its order).
 
@@ -135,7 +129,7 @@ def answer_first(record: dict) -> dict:
   warm-up stages of a passage curriculum (fido.train) use it; evaluation never does.
   """
   ctxs = record["ctxs"]
-  gold = [has_answer(c["text"], record["answers"]) for c in ctxs]
+  gold = [has_answer(record["answers"], c["text"]) for c in ctxs]  # DPR's answer-in-passage test
   return {**record, "ctxs": [c for c, g in zip(ctxs, gold) if g] +
           [c for c, g in zip(ctxs, gold) if not g]}
 
