@@ -115,6 +115,7 @@ class Index:
     self.tokenizer.load_vocab(index_dir)
     self.tokenizer.load_stopwords(index_dir)
     self.offsets = np.load(os.path.join(index_dir, OFFSETS), mmap_mode='r')
+    # Open for the index's lifetime (close()): each hit is one seek and one line.
     self._passages = open(os.path.join(index_dir, PASSAGES), 'rb')  # pylint: disable=consider-using-with
 
   def __len__(self) -> int:

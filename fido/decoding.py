@@ -164,15 +164,15 @@ def beam_search(model: FiDFunctions, params, passage_ids_BxPxL: jax.Array,
   cache = model.init_cache(params, jnp.repeat(enc_BxSxD, w, axis=0),
                            jnp.repeat(enc_mask_BxS, w, axis=0), max_length)
   alive_logp_BxW = jnp.where(jnp.arange(w) == 0, 0.0, _NEG_INF)[None].repeat(b, axis=0)
+  cross_BxWxS = jnp.zeros((b, w, enc_mask_BxS.shape[1]), jnp.float32) if cross_attention else None
   init = dict(
       cache=cache,
       alive_seq=jnp.zeros((b, w, max_length), jnp.int32),
       alive_logp=alive_logp_BxW,
       finished_seq=jnp.zeros((b, w, max_length), jnp.int32),
       finished_score=jnp.full((b, w), _NEG_INF, jnp.float32),
-      alive_cross=jnp.zeros((b, w, enc_mask_BxS.shape[1]), jnp.float32) if cross_attention else None,
-      finished_cross=(jnp.zeros((b, w, enc_mask_BxS.shape[1]), jnp.float32) if cross_attention
-                      else None),
+      alive_cross=cross_BxWxS,
+      finished_cross=cross_BxWxS,
   )
 
   def not_finished(state):

@@ -1,7 +1,8 @@
 """`run.py --mode=predict`: answers for questions, from a checkpoint; no gold answers needed.
 
   python run.py --mode=predict --workdir=workdirs/embedded-fido            # synthetic test split
-  python run.py --mode=predict --workdir=RUN --config.predict.questions=workdirs/retrieve/test.retrieved.jsonl
+  python run.py --mode=predict --workdir=RUN \\
+      --config.predict.questions=workdirs/retrieve/test.retrieved.jsonl
   python run.py --mode=predict --workdir=RUN --config.predict.questions=nq-test.qa.csv \\
       --config.predict.index=workdirs/retrieve-nq           # passages from a --mode=retrieve index
 
@@ -10,11 +11,13 @@ out_dir (a public T5 converted to FiD/FiDO). Questions come in any format of
 fido.data.questions; a question without passages gets the index's top config.data.n_passages
 (BM25, fido.bm25_index). The model reads the first n_passages passages of each question.
 
-Writes <workdir>/predict_<question file's name less its extension>/predictions.jsonl, one line per question in file
-order (fido.evaluate.write_predictions): question, prediction, sequence_score, answers, correct,
+Writes <workdir>/predict_<question file's name less its extension>/predictions.jsonl, one line
+per question in file order (fido.evaluate.write_predictions): question, prediction, sequence_score, answers, correct,
 f1, passages [{id, title, score, crossattention_score}]; and, when questions have gold answers,
 metrics.json: exact match and F1 exactly as --mode=eval computes them (fido.evaluate), over the
-questions with answers. Returns a summary.
+questions with answers, and with cross-attention scores `top1_has_answer`: how often the
+passage the retriever ranked first, and the passage of highest cross-attention, hold an answer
+(DPR's has_answer). Returns a summary.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from fido import bm25_index
 from fido import metrics as metrics_lib
 from fido import retrieve
 from fido.data.features import check_records_fit
+from fido.data.has_answer import has_answer
 from fido.data.questions import read_questions
 from fido.data.sources import resolve_data
 from fido.errors import UserError
@@ -48,6 +52,22 @@ def attach_passages(records: list[dict], index: bm25_index.Index, k: int,
                                                               indices, scores)):
     records[i] = dict(records[i], ctxs=retrieved['ctxs'])
   return records
+
+
+def top1_has_answer(records: list[dict], rows: list[dict]) -> dict[str, float] | None:
+  """Over the questions with answers and passages: the share whose first passage (the
+  retriever's top-1) and whose passage of highest cross-attention score hold an answer."""
+  pairs = [(record, row) for record, row in zip(records, rows)
+           if record['answers'] and row.get('passages')]
+  if not pairs or 'crossattention_score' not in pairs[0][1]['passages'][0]:
+    return None
+  first = attended = 0
+  for record, row in pairs:
+    scores = [p['crossattention_score'] for p in row['passages']]
+    gold = [has_answer(record['answers'], c['text']) for c in record['ctxs'][:len(scores)]]
+    first += gold[0]
+    attended += gold[scores.index(max(scores))]
+  return dict(retriever=first / len(pairs), crossattention=attended / len(pairs))
 
 
 def _name(path: str) -> str:
@@ -104,5 +124,8 @@ def run_predict(config: ml_collections.ConfigDict, workdir: str) -> dict[str, An
   scored = [r for r in rows if r['exact_match'] is not None]
   if scored:  # the metrics of --mode=eval, over the questions that have gold answers
     result.update(metrics_lib.aggregate(scored))
+    top1 = top1_has_answer(records, rows)
+    if top1:
+      result['top1_has_answer'] = top1
     write_metrics(os.path.join(out_dir, 'metrics.json'), result)
   return result

@@ -97,6 +97,9 @@ def files(tmp_path_factory) -> dict[str, str]:
       not_spm=write('not_spm.model', 'this is not a SentencePiece model'),
       a_file=write('a_file', 'not a directory'),
       foreign_ckpt=str(root / 'foreign'),
+      psgs_no_header=write('psgs.tsv', '1\tsome text\tTitle\n'),
+      qas_bad=write('qas.csv', "who?\t['a']\nwhy?\tnot a list\n"),
+      questions_only=write('questions.jsonl', json.dumps({'question': record['question']}) + '\n'),
   )
 
 
@@ -173,6 +176,22 @@ CASES = [
     ('workdir inside a file', lambda f: [SMOKE, f'--workdir={f["a_file"]}/run'], ['a_file']),
     ('unknown sweep', lambda f: ['--mode=sweep', '--config=experiments/quality.py:robustnes'],
      ["'robustnes'", "'robustness'"]),
+    ('retrieve from a missing corpus', lambda f: [
+        '--mode=retrieve', '--config.retrieve.corpus=/nonexistent/psgs.tsv',
+        f'--config.retrieve.questions={f["test"]}'], ['/nonexistent/psgs.tsv']),
+    ('retrieve from a DPR tsv without its header', lambda f: [
+        '--mode=retrieve', f'--config.retrieve.corpus={f["psgs_no_header"]}',
+        f'--config.retrieve.questions={f["test"]}'], ['psgs.tsv', 'line 1', 'header']),
+    ('retrieve for DPR qas with answers that are not a list', lambda f: [
+        '--mode=retrieve', f'--config.retrieve.corpus={f["psgs_no_header"]}',
+        f'--config.retrieve.questions={f["qas_bad"]}'], ['qas.csv', 'line 2', 'list']),
+    ('predict for questions without passages and no index', lambda f: [
+        '--mode=predict', SMOKE, f'--config.predict.questions={f["questions_only"]}'],
+     ['questions.jsonl', 'no passages', 'config.predict.index']),
+    ('predict with an index that is not there', lambda f: [
+        '--mode=predict', SMOKE, f'--config.predict.questions={f["questions_only"]}',
+        '--config.predict.index=/nonexistent/retrieval'], ['/nonexistent/retrieval', 'retrieve']),
+    ('predict without a checkpoint', lambda f: ['--mode=predict', SMOKE], ['no checkpoint']),
 ]
 
 

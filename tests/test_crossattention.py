@@ -66,7 +66,8 @@ def hand_scores(params, enc_BxSxD, enc_mask_BxS, tokens_BxM, lengths_B, n_passag
     for layer in CROSS_LAYERS:
       attn = params[f'decoder/~/{layer}/~/cross_attention']
       scale = params[f'decoder/~/{layer}/~/cross_attention_norm']['scale']
-      w_q_DxHxE, w_k_DxCxE = np.asarray(attn['query'], np.float64), np.asarray(attn['key'], np.float64)
+      w_q_DxHxE = np.asarray(attn['query'], np.float64)
+      w_k_DxCxE = np.asarray(attn['key'], np.float64)
       heads, kv_heads = w_q_DxHxE.shape[1], w_k_DxCxE.shape[1]
       keys_SxCxE = np.einsum('sd,dce->sce', np.asarray(enc_BxSxD[b], np.float64), w_k_DxCxE)
       for token in inputs:

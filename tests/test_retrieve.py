@@ -187,7 +187,11 @@ def test_run_retrieve_writes_fid_files_with_has_answer_and_recall(tmp_path):
   assert nq['recall'] == {'top-1': 1.0, 'top-2': 1.0} and qs['recall']['top-1'] == 0.5
   assert json.load(open(os.path.join(workdir, 'qs.recall.json')))['recall'] == qs['recall']
   table = open(os.path.join(workdir, 'recall.md')).read()
-  assert '| nq_dpr.json | 3 | 100.0 | 100.0 |' in table and '| qs.qa.csv | 2 | 50.0 | 50.0 |' in table
+  assert '| nq_dpr.json | 3 | 100.0 | 100.0 |' in table
+  assert '| qs.qa.csv | 2 | 50.0 | 50.0 |' in table
+  with pytest.raises(UserError, match='config.retrieve.top_k=0'):
+    retrieve.run_retrieve(ml_collections.ConfigDict(dict(config, retrieve=dict(
+        config.retrieve, top_k=0))), workdir)
   again = retrieve.run_retrieve(config, workdir)
   speed = lambda files: [dict(f, queries_per_second=None) for f in files]
   assert not again['index_built'] and speed(again['files']) == speed(result['files'])

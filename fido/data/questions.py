@@ -3,8 +3,8 @@
   records = read_questions(path)      # format from the name; fmt='fid' | 'dpr_qas' to force it
 
   fid      FiD JSON / JSONL (fido.data.fid_format), passages optional, answers optional; this also
-           reads NQ-open JSONL ({"question", "answer": [..]}), WebQuestions JSONL as FiD and EfficientQA
-           ship it ({"question", "answer": "x" | [..]}) and WebQuestions' original release
+           reads NQ-open JSONL ({"question", "answer": [..]}), WebQuestions JSONL as FiD and
+           EfficientQA ship it ({"question", "answer": "x" | [..]}) and WebQuestions' original release
            ({"utterance", "targetValue": "(list (description X) ...)"}).
   dpr_qas  DPR's qas files (nq-test.qa.csv, trivia-test.qa.csv, webquestions-test.qa.csv): one
            question per line, `question<TAB>answers` with the answers a Python list literal,
