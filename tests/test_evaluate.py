@@ -132,7 +132,8 @@ def test_checkpoint_eval_writes_consistent_files(tmp_path, config, model, dev, t
     assert json.load(f) == metrics
   assert metrics['step'] == 3 and metrics['count'] == len(dev) == len(rows)
   assert [r['question'] for r in rows] == [r['question'] for r in dev]  # once each, in order
-  assert set(rows[0]) == {'question', 'prediction', 'answers', 'correct', 'f1'}
+  assert set(rows[0]) == {'question', 'prediction', 'sequence_score', 'answers', 'correct', 'f1'}
+  assert rows[0]['sequence_score'] <= 0  # a log-probability
   assert metrics['examples_per_second'] > 0
 
   # Real decoder outputs with the gold answer forced on even rows: 0 < EM < 1, and the metrics

@@ -143,8 +143,8 @@ def normalize_record(obj: object, *, require_passages: bool = True,
     if require_passages:
       raise FieldError("ctxs", "missing",
                        "passages are required (closed-book NQ-open/WebQuestions-style file? "
-                       "retrieve passages first, see data/README.md, or read with "
-                       "require_passages=False)")
+                       "retrieve passages first: python run.py --mode=retrieve, see "
+                       "data/README.md; or read with require_passages=False)")
     ctxs = []
   elif not isinstance(obj["ctxs"], list):
     raise FieldError("ctxs", "expected a list", f"got {type(obj['ctxs']).__name__}")
