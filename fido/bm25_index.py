@@ -134,6 +134,15 @@ class Index:
                                   show_progress=False)[0]
     return self.retriever.get_scores(ids)
 
+  @staticmethod
+  def _top(scores_N: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the k highest scores, best first; among equal scores the lowest indices, also
+    where ties straddle the k-th place (so the top k are a prefix of the top k + 1)."""
+    kth = scores_N[np.argpartition(-scores_N, k - 1)[k - 1]]
+    above = np.flatnonzero(scores_N > kth)
+    top = np.concatenate([above, np.flatnonzero(scores_N == kth)[:k - len(above)]])
+    return top[np.lexsort((top, -scores_N[top]))]
+
   def search(self, questions: Sequence[str], k: int, progress: bool = False
              ) -> tuple[np.ndarray, np.ndarray]:
     """The k best passages per question: indices int64 [Q, k] and scores float32 [Q, k], by
@@ -144,8 +153,7 @@ class Index:
     for q, question in enumerate(tqdm.tqdm(questions, desc='retrieve', unit='q',
                                            disable=None if progress else True)):
       s = self.scores(question)
-      top = np.argpartition(-s, k - 1)[:k] if k < len(s) else np.arange(len(s))
-      top = top[np.lexsort((top, -s[top]))]
+      top = self._top(s, k)
       indices[q], scores[q] = top, s[top]
     return indices, scores
 

@@ -145,6 +145,17 @@ def test_search_orders_by_bm25_score_with_ties_in_corpus_order(tmp_path):
   index.close()
 
 
+def test_ties_at_the_kth_place_keep_corpus_order_so_top_k_is_a_prefix(tmp_path):
+  corpus = _write(tmp_path, 'same.txt', 'the red planet\n' * 40 + 'red planet mars\n' + 'x y\n' * 9)
+  index, _ = bm25_index.open_index(corpus, str(tmp_path / 'index'), bm25_index.Settings(),
+                                   progress=False)
+  top = index.search(['red planet mars'], k=50)[0][0].tolist()
+  assert top[:41] == [40] + list(range(40))
+  for k in (1, 2, 5, 17, 41):
+    assert index.search(['red planet mars'], k=k)[0][0].tolist() == top[:k]
+  index.close()
+
+
 def test_index_is_reused_and_rebuilt_when_the_corpus_or_the_settings_change(tmp_path):
   corpus, index_dir = _write(tmp_path, 'c.jsonl', '{"text": "alpha beta"}\n'), str(tmp_path / 'i')
   said = []
