@@ -65,6 +65,9 @@ def main(argv):
     results = analyze.run_analyze(config, _DEVICE.value)
     print(analyze.format_table(results))
     _print_json(results)
+  elif mode == 'prepare':
+    from fido import prepare  # pylint: disable=g-import-not-at-top
+    _print_json(prepare.run_prepare(config))
   elif mode == 'compile_time':
     from fido import compile_time  # pylint: disable=g-import-not-at-top
     _print_json(compile_time.compile_times(config))

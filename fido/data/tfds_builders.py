@@ -221,7 +221,8 @@ def _prepared_dir(data_dir: str, name: str) -> str:
   path = os.path.join(root, version)
   if not version or not os.path.isfile(os.path.join(path, "dataset_info.json")):
     raise DataError(f"{data_dir}: no prepared dataset '{name}' (expected {root}/<version>/"
-                    "dataset_info.json); prepare it first, see data/README.md")
+                    "dataset_info.json); prepare it first with python run.py --mode=prepare, "
+                    "see data/README.md")
   return path
 
 
@@ -251,6 +252,27 @@ class _Mapped:
 
   def __getitem__(self, i: int):
     return self._fn(self._source[i])
+
+
+class _Head(_Mapped):
+  """The first `n` elements of a random-access source."""
+
+  def __init__(self, source, n: int):
+    super().__init__(source, lambda x: x, f"{source!r}[:{n}]")
+    self._n = min(n, len(source))
+
+  def __len__(self) -> int:
+    return self._n
+
+  def __getitem__(self, i: int):
+    if not -self._n <= i < self._n:
+      raise IndexError(i)
+    return self._source[i % self._n]
+
+
+def head(source, n: int) -> _Mapped:
+  """A random-access view of the first `n` elements of `source` (e.g. load_fid_source's)."""
+  return _Head(source, n)
 
 
 def load_fid_source(data_dir: str | os.PathLike, name: str, split: str) -> _Mapped:
