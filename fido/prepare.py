@@ -10,8 +10,8 @@
 Reads `config.data.{train, dev, test}` (those set; with source='synthetic', the generated files)
 and writes `{tfds.dir}/fid_qa/{tfds.name}/1.0.0/` (fido.data.tfds_builders, records in file order);
 `config.data.corpus`, when set, becomes `{tfds.dir}/text_corpus/{tfds.name}/1.0.0/` for
-pre-training. One pass over the files with a progress bar (TFDS's, per split); bad records are
-handled by `config.data.on_error` as when reading the files directly.
+pre-training. One pass over the files with a progress bar per split, in constant memory; bad
+records are handled by `config.data.on_error` as when reading the files directly.
 
 Idempotent: a data set already prepared under that name is left as it is (and reported as such),
 unless it was prepared from other files: that is an error (choose another name, or delete the
@@ -59,11 +59,9 @@ def _prepare(data_dir: str, builder: str, name: str, sources: dict[str, Any], ma
   if not done:
     with open(path, 'w', encoding='utf-8') as f:
       json.dump(sources, f, indent=1, sort_keys=True)
-  out = dict(path=os.path.join(data_dir, builder, name),
-             records={split: result.info.splits[split].num_examples for split in sources},
-             already_prepared=done, seconds=round(time.perf_counter() - start, 1))
-  skipped = {split: dict(r.skipped) for split, r in getattr(result, 'reports', {}).items()
-             if r.skipped}
+  out = dict(path=result.path, records=result.records, already_prepared=done,
+             seconds=round(time.perf_counter() - start, 1))
+  skipped = {split: dict(r.skipped) for split, r in result.reports.items() if r.skipped}
   if skipped:  # on_error='skip'
     out['skipped'] = skipped
   return out

@@ -8,7 +8,7 @@ from typing import Any
 import ml_collections
 
 from fido import multihost
-from fido.config import config_diff
+from fido.config import MISSING, config_diff
 from fido.errors import WorkdirError
 from fido.files import atomic_write
 
@@ -18,7 +18,7 @@ def _comparable(config: ml_collections.ConfigDict) -> dict:
   d = config.to_dict()
   for section, fields in (('train', ('steps', 'log_every', 'eval_every', 'eval_examples',
                                      'progress', 'checkpoint_every', 'final_eval_split')),
-                          ('eval', None), ('bench', None)):
+                          ('eval', None), ('bench', None), ('data_bench', None)):
     if fields is None:
       d.pop(section, None)
     else:
@@ -41,8 +41,9 @@ def prepare_workdir(config: ml_collections.ConfigDict, workdir: str, overwrite: 
   elif os.path.exists(path):
     with open(path) as f:
       previous = json.load(f)
-    changed = sorted({name.split('.')[1] for name, _, _ in config_diff(previous,
-                                                                        _comparable(config))})
+    # A field the saved config lacks was added to fido since: the run used its default.
+    changed = sorted({name.split('.')[1] for name, old, _ in config_diff(
+        previous, _comparable(config)) if old is not MISSING})
     if changed:
       raise WorkdirError(f'workdir {workdir!r} holds a different run (config sections differ: '
                          f'{changed}); use another --workdir or pass --overwrite to replace it')

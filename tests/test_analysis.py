@@ -237,7 +237,7 @@ def test_train_state_memory_fsdp_divides_what_replication_keeps_whole():
     assert rows[data, False]['total'] == one['total']  # replicated over 'data'
     # FSDP splits every weight matrix over 'data'; only norm scales stay whole.
     assert rows[data, True]['total'] == pytest.approx(one['total'] / data, rel=1e-2)
-  # A Large-XXL FiDO's state (51 GiB) does not fit an A100-40GB replicated; with FSDP over 8 it does.
+  # A Large-XXL FiDO's state (51 GiB) does not fit an A100-40GB replicated; FSDP over 8: it does.
   assert not rows[8, False]['fits'] and rows[8, True]['fits']
   table = analyze.format_train_state(list(rows.values()), 'a100-40gb').splitlines()
   assert table[3].split() == ['8', 'x', '1', '51.15', '(!)', '6.40']

@@ -209,7 +209,7 @@ def test_prepare_is_idempotent_and_refuses_other_files_under_its_name(run_py, fi
   assert first.returncode == 0, first.stderr[-3000:]
   result = json.loads(first.stdout.splitlines()[-1])
   assert result['fid']['records'] == {'train': 64, 'dev': 16, 'test': 16}
-  assert not result['fid']['already_prepared'] and 'Generating train examples' in first.stderr
+  assert not result['fid']['already_prepared'] and 'preparing fid_qa/smoke train' in first.stderr
   again = json.loads(run_py(*prepare).stdout.splitlines()[-1])
   assert again['fid']['already_prepared'] and again['fid']['records'] == result['fid']['records']
   other = run_py(*prepare, f'--config.data.test={files["dev"]}')

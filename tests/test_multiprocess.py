@@ -48,8 +48,9 @@ def start(workdir, processes, *flags, log_dir, mode='train', tag='run'):
         jax.config.jax_persistent_cache_min_compile_time_secs)
   port = free_port()
   argv = [sys.executable, 'run.py', f'--mode={mode}', '--config=experiments/embedded.py:fido,smoke',
-          f'--workdir={workdir}', f'--config.data.dir={log_dir}/data', '--config.train.progress=False',
-          f'--config.train.steps={STEPS}', '--config.train.checkpoint_every=2',
+          f'--workdir={workdir}', f'--config.data.dir={log_dir}/data',
+          '--config.train.progress=False', f'--config.train.steps={STEPS}',
+          '--config.train.checkpoint_every=2',
           '--config.train.eval_every=0', '--config.eval.progress=False', *flags]
   procs = []
   for i in range(processes):

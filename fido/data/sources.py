@@ -32,6 +32,8 @@ def default_data_config() -> ml_collections.ConfigDict:
       n_passages=10, passage_len=256, target_len=32,
       answer_choice='first',  # training target when there is no `target`: 'first' | 'random'
       on_error='raise',       # a bad record: 'raise' (DataError) | 'skip' (counted, reported)
+      worker_count=0,         # training loader: grain worker processes (0: in this process). A
+                              # run resumes with the same processes x workers (else it is refused)
       inputs_length=512,      # pre-training (span corruption) input length; targets follow
       synthetic=dict(seed=0, n_train=3000, n_dev=300, n_test=300, answer_position='early',
                      vocab_size=600),

@@ -171,10 +171,11 @@ def make_train_loader(config: ml_collections.ConfigDict, tokenizer: Tokenizer, e
         examples, tokenizer, batch_size=per_process,
         n_passages=cur.n_passages[stage] if warmup else data.n_passages,
         passage_len=data.passage_len, target_len=data.target_len, seed=train.seed + stage,
-        answer_choice=data.answer_choice, answer_first=warmup and cur.answer_first)
+        answer_choice=data.answer_choice, answer_first=warmup and cur.answer_first,
+        worker_count=data.get('worker_count', 0))
   return pipeline.span_corruption_loader(
       examples, tokenizer, batch_size=per_process, seed=train.seed,
-      inputs_length=data.inputs_length, qa_shaped=True)
+      inputs_length=data.inputs_length, qa_shaped=True, worker_count=data.get('worker_count', 0))
 
 
 def stage_start(config: ml_collections.ConfigDict, stage: int) -> int:
@@ -188,7 +189,9 @@ class DataStream:
   The batch of step s is the (s - start of its stage)-th batch of its stage's loader, so the
   stream's position is a function of the step; its state, {'stage', 'batches' (handed out in that
   stage)}, holds no process's own reader position and resumes on any number of processes (each
-  process's loader is sought to that many batches, `pipeline.seek`). The batch of step s + 1 is
+  process's loader is sought to that many batches, `pipeline.seek`). With grain workers
+  (config.data.worker_count > 0) the records of a global batch depend on processes x workers,
+  which the state then records ('readers') and a resume must keep. The batch of step s + 1 is
   prepared in a background thread while step s trains (tokenization is Python; the train step
   releases the GIL). A checkpoint after `step` steps stores the position in the stage that fed
   step `step - 1`; if step `step` starts a new stage, resuming starts that stage's loader afresh.
@@ -212,7 +215,14 @@ class DataStream:
     if stage != self.stage:
       self._start(stage)
     batch = next(self.iterator)
-    return stage, batch, dict(stage=stage, batches=step + 1 - stage_start(self.config, stage))
+    return stage, batch, self._position(stage, step + 1 - stage_start(self.config, stage))
+
+  def _position(self, stage: int, batches: int) -> dict:
+    position = dict(stage=stage, batches=batches)
+    workers = self.config.data.get('worker_count', 0)
+    if workers:
+      position['readers'] = jax.process_count() * workers
+    return position
 
   def _drain(self) -> None:
     if self._pending is not None:
@@ -241,7 +251,13 @@ class DataStream:
     self._drain()
     stage = data_stage(self.config, max(step - 1, 0))
     batches = step - stage_start(self.config, stage)
-    expected = dict(stage=stage, batches=batches)
+    expected = self._position(stage, batches)
+    if isinstance(state, Mapping) and state.get('readers') != expected.get('readers'):
+      raise ConfigError(f'the checkpoint at step {step} was written reading the data with '
+                        f'{state.get("readers", 0)} grain workers in all (processes x '
+                        f'config.data.worker_count), this run reads with '
+                        f'{expected.get("readers", 0)}: resume with as many (worker_count=0 '
+                        'resumes on any number of processes)')
     if isinstance(state, Mapping) and dict(state) != expected:
       raise ValueError(f'the data state saved at step {step}, {dict(state)}, does not match '
                        f'the stream position {expected} that step implies')
