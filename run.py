@@ -74,6 +74,12 @@ def main(argv):
     results = analyze.run_analyze(config, _DEVICE.value)
     print(analyze.format_table(results))
     _print_json(results)
+  elif mode == 'prepare':
+    from fido import prepare  # pylint: disable=g-import-not-at-top
+    _print_json(prepare.run_prepare(config))
+  elif mode == 'data_bench':
+    from fido import data_bench  # pylint: disable=g-import-not-at-top
+    _print_json(data_bench.run_data_bench(config))
   elif mode == 'compile_time':
     from fido import compile_time  # pylint: disable=g-import-not-at-top
     _print_json(compile_time.compile_times(config))

@@ -32,6 +32,11 @@ working set and the caches: conservative); `peak_bytes_reuse` takes params + max
 decode phase). A fraction `overhead` (default 10%) of device memory is held back for the runtime,
 XLA workspace and fragmentation. Max batch = largest B with peak <= (1 - overhead) * memory.
 
+Training state (`per_device_bytes`, used by fido.analyze's `train_state_memory`): what one device
+holds of the parameters, their gradients (laid out as the parameters) and the optimizer state
+(mirroring them), each array's bytes divided by the mesh axes its PartitionSpec splits it over
+(fido.sharding's rules; with FSDP also the data axis). Activations are not included.
+
 How well it holds (tests/test_analysis.py; 2-core CPU, XLA 0.10.2): exact FLOPs are within 0-8% of
 XLA's cost_analysis for the float32 encoder, K/V projection and decode step of tiny models (XLA adds
 the elementwise work). XLA-CPU's scratch memory for a float32 encoder call was 1.7-1.8x our
@@ -361,3 +366,17 @@ def roofline(model, s: Setting, device: str | Device) -> dict[str, float]:
   out['bound'] = {**{f'encoder.{k}': bound(c) for k, c in enc.items()},
                   **{f'decoder.{k}': bound(c) for k, c in dec.items()}}
   return out
+
+
+# ---------------------------------------------------------------------------- training state
+
+
+def per_device_bytes(tree: Any, specs: Any, axis_sizes: Mapping[str, int]) -> float:
+  """Bytes one device holds of `tree` (arrays or ShapeDtypeStructs) laid out by `specs` (a tree
+  like it of PartitionSpecs): each leaf's bytes over the sizes of the mesh axes it is split over."""
+  def one(leaf, spec) -> float:
+    axes = [a for entry in spec if entry is not None
+            for a in ((entry,) if isinstance(entry, str) else entry)]
+    split = float(np.prod([axis_sizes[a] for a in axes])) if axes else 1.0
+    return int(np.prod(leaf.shape)) * np.dtype(leaf.dtype).itemsize / split
+  return float(sum(jax.tree.leaves(jax.tree.map(one, tree, specs))))

@@ -6,6 +6,8 @@
   run_analyze(config, device)                one `analyze` per config.bench batch size
   format_table(results)                      the results as a text table (run.py prints it)
   paper_table1()                             the models of the paper's Table 1 (max batch)
+  train_state_memory(config, device)         training state per device on data-parallel meshes,
+                                             replicated over 'data' and FSDP (config.sharding.fsdp)
 """
 
 import dataclasses
@@ -16,11 +18,16 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from fido.analysis import (Device, Setting, bytes_per_sample, cross_attention_intensity,
-                           flops_per_sample, get_device, max_batch, memory, paper_flops,
-                           param_counts, roofline, setting_from_config)
+from jax.sharding import PartitionSpec as P
+
+from fido import optim, sharding
+from fido.analysis import (GiB, MEMORY_OVERHEAD, Device, Setting, bytes_per_sample,
+                           cross_attention_intensity, flops_per_sample, get_device, max_batch,
+                           memory, paper_flops, param_counts, per_device_bytes, roofline,
+                           setting_from_config)
 from fido.config import model_config
 from fido.model.fid import make_model
+from fido.train_step import init_train_state
 
 
 # ---------------------------------------------------------------------------- XLA
@@ -127,6 +134,45 @@ def format_table(results: Mapping[str, Any] | list[Mapping[str, Any]]) -> str:
   dev = rows[0]['device'] if rows else {}
   lines.append(f'per sample; GF = 1e9 FLOPs; xKV = cross-attention K/V cache; max B* = with buffer '
                f'reuse; ms = roofline on {dev.get("name", "?")}; 1/OI = cross-attn bytes/FLOP')
+  if rows and rows[0].get('train_state'):
+    lines += ['', format_train_state(rows[0]['train_state'], dev.get('name', '?'))]
+  return '\n'.join(lines)
+
+
+def train_state_memory(config: ml_collections.ConfigDict, device: str | Device = 'tpu-v4',
+                       data_sizes=(1, 8, 64)) -> list[dict[str, Any]]:
+  """Bytes per device of the training state (params, gradients, config.optimizer's state) on
+  meshes (data, config.sharding.mesh.model) for each data size, with the parameters replicated
+  over 'data' and with FSDP; `fits`: whether the state alone fits in (1 - overhead) of `device`
+  (activations need room too). Shapes only: nothing is allocated."""
+  model, optimizer = make_model(config.model), optim.make_optimizer(config.optimizer)
+  ids = jnp.zeros((1, 1, 4), jnp.int32)
+  batch = dict(passage_ids=ids, passage_mask=ids > 0, target_ids=jnp.zeros((1, 2), jnp.int32))
+  state = jax.eval_shape(functools.partial(init_train_state, model, optimizer),
+                         jax.random.PRNGKey(0), batch)
+  usable = (1.0 - MEMORY_OVERHEAD) * get_device(device).memory_bytes
+  rows = []
+  for data in data_sizes:
+    for fsdp in (False, True):
+      axes = {sharding.DATA: data, sharding.MODEL: config.sharding.mesh.model}
+      specs = sharding.param_specs(state.params, axes, fsdp=fsdp)
+      opt_specs = sharding.mirror_params(state.opt_state, state.params, specs, P())
+      params = per_device_bytes(state.params, specs, axes)
+      opt = per_device_bytes(state.opt_state, opt_specs, axes)
+      total = 2 * params + opt  # gradients are laid out as the parameters
+      rows.append(dict(data=data, model=config.sharding.mesh.model, fsdp=fsdp, params=params,
+                       gradients=params, optimizer=opt, total=total, fits=total <= usable))
+  return rows
+
+
+def format_train_state(rows: list[Mapping[str, Any]], device: str) -> str:
+  """`train_state_memory` as a table (GiB per device)."""
+  lines = [f'training state per device on {device} (GiB; params + gradients + optimizer state):',
+           f'{"mesh data x model":<20}{"replicated":>12}{"fsdp":>12}']
+  for plain, fsdp in zip(rows[::2], rows[1::2]):
+    cell = lambda r: f'{r["total"] / GiB:.2f}' + ('' if r['fits'] else ' (!)')
+    lines.append(f'{plain["data"]:>8} x {plain["model"]:<9}{cell(plain):>12}{cell(fsdp):>12}')
+  lines.append('(!) = does not fit in 90% of the device memory, before activations')
   return '\n'.join(lines)
 
 
@@ -136,9 +182,11 @@ def run_analyze(config: ml_collections.ConfigDict, device: str | Device = 'tpu-v
 
   XLA's own cost analysis is compiled only for bench settings small enough to compile quickly.
   """
-  results = []
+  results, device = [], get_device(device)  # a CPU is probed once
   for batch in config.bench.batch_sizes:
     setting = setting_from_config(config, batch)
     small = setting.batch_size * setting.n_passages * setting.passage_len <= 1 << 16
     results.append(analyze(config, setting, device, xla=small))
+  if results and 'optimizer' in config and 'sharding' in config:
+    results[0]['train_state'] = train_state_memory(config, device)
   return results

@@ -32,6 +32,8 @@ MODES: Mapping[str, str] = {
     'compile_time': 'seconds to compile the decode loop and the train step (abstract shapes)',
     'sweep': 'run an ablation or seeds sweep (experiments/ablations.py, quality.py)',
     'convert': 'convert a Hugging Face T5 checkpoint to FiD/FiDO (config.convert)',
+    'prepare': 'FiD files / corpus of config.data -> array_record under config.data.tfds',
+    'data_bench': 'training data at scale, files vs tfds: memory, first batch, throughput',
     'show_config': 'print the resolved config (every field --config.x.y=... can set)',
 }
 DEFAULT_CONFIG = 'experiments/embedded.py:fido'

@@ -21,8 +21,11 @@ Output files (one directory per split): predictions_step{N}.jsonl and metrics_st
 the metrics files, which are also what makes a restarted watcher skip the steps it already
 evaluated. All writes are atomic.
 
-Decoding is single-process: every record is decoded by this process (multi-host eval would
-shard records with qa_eval_loader's shard_index/shard_count and gather predictions).
+Many processes (`config.sharding.distributed`, or JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES /
+JAX_PROCESS_ID): the params are restored onto the mesh of `config.sharding.mesh`, each process
+decodes its share of the records (fido.evaluate.predict), and process 0 writes the one predictions
+file, in record order, and the metrics; a watcher's processes follow process 0's view of the
+checkpoint directory.
 """
 
 import json
@@ -35,11 +38,13 @@ from typing import Any, Callable, Mapping
 import jax
 import ml_collections
 
+from fido import multihost, sharding
 from fido.checkpoint import Checkpointer
 from fido.config import ConfigError, config_diff
 from fido.data.features import check_records_fit
 from fido.data.fid_format import read_fid_file
 from fido.data.sources import resolve_data
+from fido.data.tfds_builders import head, load_fid_source
 from fido.data.tokenizer import load_tokenizer
 from fido.errors import CheckpointError
 from fido.evaluate import check_has_answers, evaluate_records, write_metrics, write_predictions
@@ -186,20 +191,33 @@ class _CheckpointEvaluator:
 
   def _setup(self, saved: ml_collections.ConfigDict | None) -> None:
     self.model, data, self.tokenizer = build_reader(self.config, saved)
-    self.split = _split_path(data, self.split)
-    records, report = read_fid_file(self.split, require_answers=False,
-                                    n_passages=data['n_passages'],
-                                    on_error=data.get('on_error', 'raise'))
-    self.skipped = dict(report.skipped)  # on_error='skip': reported with every step's metrics
-    check_has_answers(records, self.split)
-    check_records_fit(self.tokenizer, records, data['n_passages'], data['passage_len'])
-    if self.eval.max_examples:
-      records = records[:self.eval.max_examples]
+    self.skipped = {}
+    if data.get('source') == 'tfds' and self.split in SPLITS:
+      # Read where decoded, each process its own records; answers are checked after decoding.
+      tfds = data['tfds']
+      records = load_fid_source(tfds['dir'], tfds['name'], self.split)
+      self.split = repr(records)
+      if self.eval.max_examples:
+        records = head(records, self.eval.max_examples)
+    else:
+      self.split = _split_path(data, self.split)
+      records, report = read_fid_file(self.split, require_answers=False,
+                                      n_passages=data['n_passages'],
+                                      on_error=data.get('on_error', 'raise'))
+      self.skipped = dict(report.skipped)  # on_error='skip': reported with every step's metrics
+      check_has_answers(records, self.split)
+      check_records_fit(self.tokenizer, records, data['n_passages'], data['passage_len'])
+      if self.eval.max_examples:
+        records = records[:self.eval.max_examples]
     self.records = records
     self.lengths = dict(n_passages=data['n_passages'], passage_len=data['passage_len'],
                         target_len=data['target_len'])
-    self.abstract_params = jax.eval_shape(lambda rng: init_params(self.model, rng),
-                                          jax.random.PRNGKey(0))
+    abstract = jax.eval_shape(lambda rng: init_params(self.model, rng), jax.random.PRNGKey(0))
+    layout = self.config.get('sharding', sharding.default_config())
+    shardings = sharding.param_shardings(abstract, sharding.make_mesh(dict(layout.mesh)),
+                                         fsdp=layout.get('fsdp', False))
+    self.abstract_params = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings)
 
   def evaluate(self, step: int | None) -> dict[str, Any]:
     directory = resolve_checkpoint_dir(self.path)
@@ -232,8 +250,9 @@ class _CheckpointEvaluator:
     metrics.update(step=int(step), split=self.split, checkpoint=directory)
     if self.skipped:
       metrics['skipped_records'] = self.skipped
-    write_predictions(os.path.join(self.out_dir, f'predictions_step{step}.jsonl'), predictions)
-    write_metrics(os.path.join(self.out_dir, f'metrics_step{step}.json'), metrics)
+    if multihost.is_primary():
+      write_predictions(os.path.join(self.out_dir, f'predictions_step{step}.jsonl'), predictions)
+      write_metrics(os.path.join(self.out_dir, f'metrics_step{step}.json'), metrics)
     _LOG.info('step %d: EM %.4f F1 %.4f over %d', step, metrics['exact_match'], metrics['f1'],
               metrics['count'])
     return metrics
@@ -268,9 +287,11 @@ def read_evaluated(out_dir: str) -> dict[int, dict]:
 
 
 def write_table(out_dir: str, evaluated: Mapping[int, Mapping[str, Any]]) -> list[dict]:
-  """eval_table.jsonl and eval_table.md: one row per evaluated step, by step."""
+  """eval_table.jsonl and eval_table.md: one row per evaluated step, by step (process 0 writes)."""
   rows = [dict(step=s, exact_match=m['exact_match'], f1=m['f1'], count=m['count'])
           for s, m in sorted(evaluated.items())]
+  if not multihost.is_primary():
+    return rows
   atomic_write(os.path.join(out_dir, 'eval_table.jsonl'),
                      ''.join(json.dumps(r) + '\n' for r in rows))
   md = ['| step | EM (%) | F1 (%) | examples |', '|---:|---:|---:|---:|']
@@ -292,11 +313,11 @@ def watch(config: ml_collections.ConfigDict, workdir: str, *, split_path: str, o
   """
   evaluator = _CheckpointEvaluator(config, workdir, split_path, out_dir)
   out_dir = evaluator.out_dir
-  done = read_evaluated(out_dir)
+  done = {int(s): m for s, m in multihost.agree(list(read_evaluated(out_dir).items()))}
   finished = lambda: stop_at_step is not None and any(s >= stop_at_step for s in done)
   last_new = time.monotonic()
   while not finished():
-    for step in [s for s in _list_steps(workdir) if s not in done]:
+    for step in multihost.agree([s for s in _list_steps(workdir) if s not in done]):
       try:
         done[step] = evaluator.evaluate(step)
       except Exception:  # pylint: disable=broad-except
@@ -310,7 +331,7 @@ def watch(config: ml_collections.ConfigDict, workdir: str, *, split_path: str, o
         break
     if finished():
       break
-    if time.monotonic() - last_new >= timeout_seconds:
+    if multihost.agree(time.monotonic() - last_new >= timeout_seconds):
       _LOG.info('no new checkpoint under %s for %.0f s; stopping', workdir, timeout_seconds)
       break
     sleep(poll_seconds)
@@ -325,6 +346,8 @@ def run_eval(config: ml_collections.ConfigDict, workdir: str, *, default_workdir
   default_workdir: `workdir` is run.py's default (no --workdir flag), which the deprecated
   config.eval.checkpoint (and config.eval.out_dir) still override, with a warning.
   """
+  if config.get('sharding') is not None:
+    multihost.maybe_initialize_distributed(config.sharding.distributed)
   ev = config.get('eval') if config.get('eval') is not None else default_config()
   out_dir = ''
   if ev.get('checkpoint') or ev.get('out_dir'):

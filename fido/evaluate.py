@@ -18,10 +18,12 @@ import sys
 import time
 from typing import Any, Callable, Mapping, Sequence
 
+import jax
 import numpy as np
 import tqdm
 
 from fido import metrics as metrics_lib
+from fido import multihost, sharding
 from fido.data.errors import DataError
 from fido.data.pipeline import qa_eval_loader
 from fido.data.tokenizer import Tokenizer
@@ -79,26 +81,38 @@ def predict(model: FiDFunctions, params, records: Sequence[dict], tokenizer: Tok
   exact_match/f1 are None for a record without answers; sequence_score is the decoder's (summed
   log-probability, or the beam score), None when `decode_fn` (tests: `(params, passage_ids,
   passage_mask) -> DecodeOutput | tokens [B, M]`, replacing the model's decoder) gives tokens only.
+
+  Params on a mesh (fido.sharding): batches are split over its data axis, each process reading
+  and decoding only its share of the records (record i goes to process i % count) as its rows of
+  global batches of about `batch_size`; each scores its rows, and every process gets every row
+  (multihost.allgather_json), so all return the same list, and the same metrics.
   """
   if decode_fn is None:
     decode_fn = _cached_decode_fn(model, max_decode_len or target_len, beam_size, alpha,
                                   crossattention_scores)
+  mesh = _params_mesh(params)
+  if mesh is not None:
+    batch_size = multihost.process_batch_size(batch_size, mesh)
   loader = qa_eval_loader(records, tokenizer, batch_size=batch_size, n_passages=n_passages,
-                          passage_len=passage_len, target_len=target_len, shard_index=0,
-                          shard_count=1)
-  rows: list[dict | None] = [None] * len(records)
+                          passage_len=passage_len, target_len=target_len,
+                          shard_index=jax.process_index(), shard_count=jax.process_count())
+  rows: dict[int, dict] = {}
+
+  def local(x) -> np.ndarray:  # this process's rows of a (possibly process-spanning) batch array
+    return multihost.process_rows(x, mesh) if mesh is not None else np.asarray(x)
 
   def finish(example_index_B: np.ndarray, out: Any) -> int:
     decoded = isinstance(out, DecodeOutput)
-    tokens_BxM = np.asarray(out.tokens if decoded else out)
-    sequence_B = np.asarray(out.scores) if decoded else [None] * len(tokens_BxM)
-    cross_BxP = (np.asarray(out.passage_scores) if decoded and out.passage_scores is not None
+    tokens_BxM = local(out.tokens if decoded else out)
+    sequence_B = local(out.scores) if decoded else [None] * len(tokens_BxM)
+    cross_BxP = (local(out.passage_scores) if decoded and out.passage_scores is not None
                  else None)
     done = 0
     for row, (index, ids) in enumerate(zip(example_index_B, tokens_BxM)):
+      index = int(index)
       if index < 0:  # a padding row of the last batch
         continue
-      if rows[index] is not None:
+      if index in rows:
         raise RuntimeError(f'record {index} was decoded twice')
       record, prediction = records[index], detokenize(tokenizer, ids)
       answers = list(record.get('answers') or [])
@@ -117,19 +131,39 @@ def predict(model: FiDFunctions, params, records: Sequence[dict], tokenizer: Tok
     return done
 
   pending = None  # dispatch batch i+1 before reading batch i back, so host and device overlap
-  with tqdm.tqdm(total=len(records), desc='eval', unit='ex', disable=None if progress else True,
+  show = None if progress and multihost.is_primary() else True
+  with tqdm.tqdm(total=len(records), desc='eval', unit='ex', disable=show,
                  file=sys.stderr) as bar:
     for batch in loader:
-      out = decode_fn(params, batch['passage_ids'], batch['passage_mask'])
+      ids, mask = batch['passage_ids'], batch['passage_mask']
+      if mesh is not None:
+        global_batch = sharding.make_global_batch(dict(ids=ids, mask=mask), mesh)
+        ids, mask = global_batch['ids'], global_batch['mask']
+      out = decode_fn(params, ids, mask)
       if pending is not None:
-        bar.update(finish(*pending))
+        bar.update(finish(*pending) * jax.process_count())
       pending = (batch['example_index'], out)
     if pending is not None:
-      bar.update(finish(*pending))
-  missing = [i for i, row in enumerate(rows) if row is None]
+      bar.update(finish(*pending) * jax.process_count())
+  if mesh is not None:
+    rows = {int(i): row for part in multihost.allgather_json(list(rows.items()))
+            for i, row in part}
+  missing = [i for i in range(len(records)) if i not in rows]
   if missing:
     raise RuntimeError(f'{len(missing)} records were never decoded (first: {missing[:5]})')
-  return rows
+  return [rows[i] for i in range(len(records))]
+
+
+def _params_mesh(params) -> jax.sharding.Mesh | None:
+  """The mesh of params placed by fido.sharding; None for params on one device or on the host."""
+  leaves = jax.tree.leaves(params)
+  leaf_sharding = getattr(leaves[0], 'sharding', None) if leaves else None
+  if isinstance(leaf_sharding, jax.sharding.NamedSharding):
+    return leaf_sharding.mesh
+  if jax.process_count() > 1:
+    raise ValueError('with many processes, predict needs params placed on a mesh '
+                     f'(NamedSharding), got {leaf_sharding}')
+  return None
 
 
 def check_has_answers(records: Sequence[dict], name: str | None = None) -> None:
@@ -147,11 +181,17 @@ def evaluate_records(model: FiDFunctions, params, records: Sequence[dict], token
   """(metrics {exact_match, f1, count, examples_per_second}, predictions); kwargs as `predict`.
 
   examples_per_second is over the whole call, including compilation on a model's first call.
+  Records without answers are an error: before decoding for a list, after it for a random-access
+  source (whose records are read only where decoded).
   """
-  check_has_answers(records)
+  in_memory = isinstance(records, (list, tuple))
+  if in_memory:
+    check_has_answers(records)
   start = time.perf_counter()
   predictions = predict(model, params, records, tokenizer, **predict_kwargs)
   seconds = time.perf_counter() - start
+  if not in_memory:
+    check_has_answers(predictions, repr(records))
   metrics = metrics_lib.aggregate(predictions)
   metrics['examples_per_second'] = metrics['count'] / max(seconds, 1e-9)
   return metrics, predictions

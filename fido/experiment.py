@@ -8,7 +8,7 @@ the sections), so that `fido.config`, the schema the model reads, imports nothin
 import ml_collections
 
 from fido import config as fido_config
-from fido import convert_checkpoint, eval_checkpoint, optim, sharding, train, train_step
+from fido import convert_checkpoint, data_bench, eval_checkpoint, optim, sharding, train, train_step
 from fido.data import sources
 
 
@@ -29,4 +29,5 @@ def default_config() -> ml_collections.ConfigDict:
       convert=convert_checkpoint.default_config(),
       retrieve=fido_config.retrieve_config(),
       predict=fido_config.predict_config(),
+      data_bench=data_bench.default_config(),
   ))

@@ -4,6 +4,13 @@ Mesh axes ('data', 'model'): the batch is split over 'data'; parameters are spli
 (Megatron-style: query/wi_* by output columns -- heads, d_ff -- and output/wo by input rows) and
 replicated over 'data'. The optimizer state mirrors the parameters.
 
+FSDP (`config.sharding.fsdp=True`; ZeRO-3 / fully sharded data parallel): each parameter is also
+split over 'data', along its largest dimension that the rules leave whole and that the data axis
+divides (one that none divides stays replicated over 'data'), and so is its optimizer state.
+Parameters and optimizer state per device shrink by the data axis size; GSPMD all-gathers each
+parameter where it is used and reduce-scatters its gradient, so a step computes what the
+replicated one does.
+
 Rules are an ordered list of (regex, PartitionSpec) over Haiku parameter paths
 "module/path/param_name", e.g. 'decoder/~/layer_01/~/cross_attention/query'. A rule matches a
 parameter when its regex `re.search`es the path AND its spec has the parameter's rank
@@ -27,7 +34,6 @@ Sharded set-up (nanodo style):
 
 import functools
 import logging
-import os
 import re
 from typing import Any, Callable, Mapping, Sequence
 
@@ -68,6 +74,7 @@ def default_config() -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(
       mesh=dict(data=-1, model=1),  # -1: all devices left after the model axis
       strict=False,                 # True: an indivisible parameter dimension is an error
+      fsdp=False,                   # True: parameters and optimizer state also split over 'data'
       distributed=dict(             # multi-host; unset fields fall back to the environment
           enabled=False,            # True: initialise even with nothing set (JAX auto-detects
                                     # TPU pods, SLURM, ...)
@@ -142,9 +149,18 @@ def spec_for(path: str, shape: Sequence[int], rules: Rules) -> P:
                     'silently.')
 
 
+def _with_data_axis(entries: list, shape: Sequence[int], data: int) -> list:
+  """FSDP: the largest dimension of `shape` with no mesh axis that `data` divides gets 'data'."""
+  free = [d for d, entry in enumerate(entries) if entry is None and shape[d] % data == 0]
+  if data > 1 and free:
+    entries[max(free, key=lambda d: shape[d])] = DATA
+  return entries
+
+
 def param_specs(params: Any, axis_sizes: Mapping[str, int], rules: Rules = RULES,
-                strict: bool = False) -> Any:
-  """PartitionSpecs (a tree like `params`, arrays or ShapeDtypeStructs) from `rules`.
+                strict: bool = False, fsdp: bool = False) -> Any:
+  """PartitionSpecs (a tree like `params`, arrays or ShapeDtypeStructs) from `rules`, and with
+  `fsdp` the data axis on each parameter's largest free dimension it divides.
 
   Dimensions not divisible by their mesh axes are replicated (one warning listing them), or
   raise with strict=True.
@@ -160,6 +176,8 @@ def param_specs(params: Any, axis_sizes: Mapping[str, int], rules: Rules = RULES
       if size > 1 and shape[dim] % size:
         indivisible.append(f'{name} dim {dim} (size {shape[dim]}) over {entry!r} (size {size})')
         entries[dim] = None
+    if fsdp:
+      entries = _with_data_axis(entries, shape, axis_sizes.get(DATA, 1))
     return P(*entries)
 
   specs = jax.tree_util.tree_map_with_path(one, params)
@@ -171,9 +189,10 @@ def param_specs(params: Any, axis_sizes: Mapping[str, int], rules: Rules = RULES
   return specs
 
 
-def param_shardings(params: Any, mesh: Mesh, rules: Rules = RULES, strict: bool = False) -> Any:
+def param_shardings(params: Any, mesh: Mesh, rules: Rules = RULES, strict: bool = False,
+                    fsdp: bool = False) -> Any:
   """NamedShardings (a tree like `params`: arrays or jax.eval_shape output) from `rules`."""
-  specs = param_specs(params, dict(mesh.shape), rules, strict)
+  specs = param_specs(params, dict(mesh.shape), rules, strict, fsdp)
   return jax.tree.map(lambda spec: NamedSharding(mesh, spec), specs,
                       is_leaf=lambda x: isinstance(x, P))
 
@@ -204,10 +223,10 @@ def mirror_params(opt_state: Any, params: Any, param_tree: Any, other: Any) -> A
 
 
 def train_state_shardings(abstract_state: TrainState, mesh: Mesh, rules: Rules = RULES,
-                          strict: bool = False) -> TrainState:
-  """Shardings for a TrainState (e.g. jax.eval_shape of init): params by rules, optimizer
-  state mirroring them, step and rng replicated."""
-  params = param_shardings(abstract_state.params, mesh, rules, strict)
+                          strict: bool = False, fsdp: bool = False) -> TrainState:
+  """Shardings for a TrainState (e.g. jax.eval_shape of init): params by rules (and FSDP),
+  optimizer state mirroring them, step and rng replicated."""
+  params = param_shardings(abstract_state.params, mesh, rules, strict, fsdp)
   opt_state = mirror_params(abstract_state.opt_state, abstract_state.params, params,
                             replicated(mesh))
   return TrainState(params=params, opt_state=opt_state, step=replicated(mesh),
@@ -252,21 +271,21 @@ def make_global_batch(local_batch: Batch, mesh: Mesh) -> dict[str, jax.Array]:
 
 def abstract_train_state(model: FiDFunctions, optimizer: optax.GradientTransformation,
                          example_batch: Batch, mesh: Mesh, rules: Rules = RULES,
-                         strict: bool = False) -> TrainState:
+                         strict: bool = False, fsdp: bool = False) -> TrainState:
   """The train state's shapes, dtypes and shardings (jax.ShapeDtypeStructs), e.g. to restore into."""
   abstract = jax.eval_shape(functools.partial(init_train_state, model, optimizer),
                             jax.random.PRNGKey(0), example_batch)
-  shardings = train_state_shardings(abstract, mesh, rules, strict)
+  shardings = train_state_shardings(abstract, mesh, rules, strict, fsdp)
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract,
                       shardings)
 
 
 def init_sharded_train_state(model: FiDFunctions, optimizer: optax.GradientTransformation,
                              rng: jax.Array, example_batch: Batch, mesh: Mesh,
-                             rules: Rules = RULES, strict: bool = False
+                             rules: Rules = RULES, strict: bool = False, fsdp: bool = False
                              ) -> tuple[TrainState, TrainState]:
   """(state, its shardings): every array is created directly in its shards."""
-  abstract = abstract_train_state(model, optimizer, example_batch, mesh, rules, strict)
+  abstract = abstract_train_state(model, optimizer, example_batch, mesh, rules, strict, fsdp)
   shardings = jax.tree.map(lambda x: x.sharding, abstract)
   init = functools.partial(init_train_state, model, optimizer)
   return jax.jit(init, out_shardings=shardings)(rng, example_batch), shardings
@@ -280,35 +299,3 @@ def make_sharded_train_step(train_step: Callable, state_shardings: TrainState,
   """
   return jax.jit(train_step, in_shardings=(state_shardings, batch_sharding(mesh)),
                  out_shardings=(state_shardings, replicated(mesh)), donate_argnames='state')
-
-
-# -------------------------------------------------------------------------------- multi-host
-
-
-def maybe_initialize_distributed(config: ml_collections.ConfigDict | None) -> bool:
-  """Calls jax.distributed.initialize() when multi-host is configured; returns whether it did.
-
-  `config` is the `config.sharding.distributed` section. Each unset field falls back to the
-  environment (JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID); multi-host is
-  configured when `enabled` is set, a coordinator address is known, or num_processes > 1. Fields
-  still unset are left to JAX's cluster auto-detection. Call it before anything touches a device.
-  """
-  config = config or ml_collections.ConfigDict()
-
-  def setting(field, env, cast):
-    value = config.get(field)
-    if value is None and os.environ.get(env):
-      value = cast(os.environ[env])
-    return value
-
-  address = setting('coordinator_address', 'JAX_COORDINATOR_ADDRESS', str)
-  num_processes = setting('num_processes', 'JAX_NUM_PROCESSES', int)
-  process_id = setting('process_id', 'JAX_PROCESS_ID', int)
-  wanted = bool(config.get('enabled')) or address is not None or (num_processes or 1) > 1
-  if not wanted or jax.distributed.is_initialized():
-    return False
-  _LOG.info('jax.distributed.initialize(coordinator_address=%s, num_processes=%s, process_id=%s)',
-            address, num_processes, process_id)
-  jax.distributed.initialize(coordinator_address=address, num_processes=num_processes,
-                             process_id=process_id)
-  return True

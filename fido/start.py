@@ -103,7 +103,7 @@ def pooled_twin(twin_dir: str) -> Init:
     twin = multi_head_twin(start.config)
     abstract = sharding.abstract_train_state(
         make_model(twin.model), optim.make_optimizer(twin.optimizer), start.example, start.mesh,
-        strict=start.config.sharding.strict)
+        strict=start.config.sharding.strict, fsdp=start.config.sharding.get('fsdp', False))
     with checkpoint_lib.Checkpointer(os.path.join(twin_dir, 'checkpoints'),
                                      read_only=True) as source:
       restored = source.restore(abstract, step=twin.train.steps)

@@ -47,6 +47,7 @@ import optax
 
 from fido import checkpoint as checkpoint_lib
 from fido import evaluate
+from fido import multihost
 from fido import optim
 from fido import sharding
 from fido import start as start_lib
@@ -154,7 +155,7 @@ def uptrain(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 def run_train(config: ml_collections.ConfigDict, workdir: str, *, overwrite: bool = False
               ) -> dict[str, Any]:
   """Trains `config` in `workdir` (resuming if it holds a checkpoint); returns the final metrics."""
-  sharding.maybe_initialize_distributed(config.sharding.distributed)
+  multihost.maybe_initialize_distributed(config.sharding.distributed)
   if config.train.task not in TASKS:
     raise ConfigError(f'config.train.task={config.train.task!r}; expected one of {TASKS}')
   train_step_lib.validate_train_config(config.train)
@@ -219,7 +220,7 @@ def fit(config: ml_collections.ConfigDict, workdir: str, init: start_lib.Init) -
                  if finetune and config.train.eval_every else [])
   final_split = config.train.final_eval_split if finetune else ''
   final_records = read_fid_records(config, final_split, reports=reports) if final_split else []
-  for records in (dev_records, final_records):
+  for records in (dev_records, final_records) if config.data.source != 'tfds' else ():
     features.check_records_fit(tokenizer, records, config.data.n_passages, config.data.passage_len)
   if reports and jax.process_index() == 0:
     with open(os.path.join(workdir, 'data_report.json'), 'w') as f:
@@ -227,7 +228,7 @@ def fit(config: ml_collections.ConfigDict, workdir: str, init: start_lib.Init) -
   example = _host_batch(next(iter(make_train_loader(config, tokenizer, stream.examples))))
   state, state_shardings = sharding.init_sharded_train_state(
       model, optimizer, jax.random.PRNGKey(config.train.seed), example, mesh,
-      strict=config.sharding.strict)
+      strict=config.sharding.strict, fsdp=config.sharding.get('fsdp', False))
   keep_best = config.train.keep_best if dev_records else 0
   ckpt = checkpoint_lib.Checkpointer(
       os.path.join(workdir, 'checkpoints'), keep_last=config.train.keep_checkpoints,

@@ -5,10 +5,10 @@ import os
 import shutil
 from typing import Any
 
-import jax
 import ml_collections
 
-from fido.config import config_diff
+from fido import multihost
+from fido.config import MISSING, config_diff
 from fido.errors import WorkdirError
 from fido.files import atomic_write
 
@@ -17,8 +17,8 @@ def _comparable(config: ml_collections.ConfigDict) -> dict:
   """The parts of a config that define a run (not its length, logging or evaluation)."""
   d = config.to_dict()
   for section, fields in (('train', ('steps', 'log_every', 'eval_every', 'eval_examples',
-                                     'progress', 'checkpoint_every')),
-                          ('eval', None), ('bench', None), ('retrieve', None),
+                                     'progress', 'checkpoint_every', 'final_eval_split')),
+                          ('eval', None), ('bench', None), ('data_bench', None), ('retrieve', None),
                           ('predict', None)):
     if fields is None:
       d.pop(section, None)
@@ -32,19 +32,26 @@ def prepare_workdir(config: ml_collections.ConfigDict, workdir: str, overwrite: 
   """Refuses to mix two different runs in one workdir; `overwrite` wipes it (a fresh start).
 
   Only a workdir holding a run's config.json is ever wiped (never, say, a mistyped `--workdir=.`).
+  With many processes (one shared workdir), every process checks, process 0 writes, and all
+  return together.
   """
   path = os.path.join(workdir, 'config.json')
   if overwrite and os.path.exists(path):
-    shutil.rmtree(workdir)
+    if multihost.is_primary():
+      shutil.rmtree(workdir)
   elif os.path.exists(path):
     with open(path) as f:
       previous = json.load(f)
-    changed = sorted({name.split('.')[1] for name, _, _ in config_diff(previous,
-                                                                        _comparable(config))})
+    # A field the saved config lacks was added to fido since: the run used its default.
+    changed = sorted({name.split('.')[1] for name, old, _ in config_diff(
+        previous, _comparable(config)) if old is not MISSING})
     if changed:
       raise WorkdirError(f'workdir {workdir!r} holds a different run (config sections differ: '
                          f'{changed}); use another --workdir or pass --overwrite to replace it')
-  atomic_write(path, json.dumps(_comparable(config), indent=1, sort_keys=True))
+  multihost.sync(f'check {path}')  # no process still reads what process 0 replaces
+  if multihost.is_primary():
+    atomic_write(path, json.dumps(_comparable(config), indent=1, sort_keys=True))
+  multihost.sync(f'prepared {path}')
 
 
 class MetricsWriter:
@@ -54,7 +61,7 @@ class MetricsWriter:
     self.path = os.path.join(workdir, 'metrics.jsonl')
 
   def write(self, **record: Any) -> None:
-    if jax.process_index() == 0:
+    if multihost.is_primary():
       with open(self.path, 'a') as f:
         f.write(json.dumps(record, default=float) + '\n')
 

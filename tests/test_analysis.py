@@ -9,7 +9,7 @@ import pytest
 
 from fido import analysis, analyze
 from fido.analysis import Setting
-from fido.config import model_config
+from fido.config import load_config_file, model_config
 from fido.model.fid import make_model
 
 TINY = Setting(batch_size=2, n_passages=3, passage_len=16, target_len=4, dtype_bytes=4)
@@ -223,3 +223,21 @@ def test_setting_from_config():
   s = analysis.setting_from_config(config, batch_size=64)
   assert (s.batch_size, s.n_passages, s.passage_len, s.target_len) == (64, 40, 256, 32)
   assert s.dtype_bytes == 2
+
+
+def test_train_state_memory_fsdp_divides_what_replication_keeps_whole():
+  config = load_config_file('experiments/fido.py:large-xxl')
+  rows = {(r['data'], r['fsdp']): r for r in analyze.train_state_memory(config, 'a100-40gb')}
+  params = analysis.param_counts(config.model)['total'] * 4  # float32
+  one = rows[1, False]
+  assert one['params'] == one['gradients'] == params
+  assert one['optimizer'] == pytest.approx(params, rel=1e-6)  # unfactored second moments + counts
+  assert rows[1, True]['total'] == one['total']  # one device: nothing to split
+  for data in (8, 64):
+    assert rows[data, False]['total'] == one['total']  # replicated over 'data'
+    # FSDP splits every weight matrix over 'data'; only norm scales stay whole.
+    assert rows[data, True]['total'] == pytest.approx(one['total'] / data, rel=1e-2)
+  # A Large-XXL FiDO's state (51 GiB) does not fit an A100-40GB replicated; FSDP over 8: it does.
+  assert not rows[8, False]['fits'] and rows[8, True]['fits']
+  table = analyze.format_train_state(list(rows.values()), 'a100-40gb').splitlines()
+  assert table[3].split() == ['8', 'x', '1', '51.15', '(!)', '6.40']

@@ -192,6 +192,19 @@ CASES = [
         '--mode=predict', SMOKE, f'--config.predict.questions={f["questions_only"]}',
         '--config.predict.index=/nonexistent/retrieval'], ['/nonexistent/retrieval', 'retrieve']),
     ('predict without a checkpoint', lambda f: ['--mode=predict', SMOKE], ['no checkpoint']),
+    ('tfds data set not prepared', lambda f: own_data(f, **{
+        'data.source': 'tfds', 'data.tfds.name': 'nq', 'data.tfds.dir': f['root'] + '/tfds'}),
+     ["no prepared dataset 'fid_qa/nq'", '--mode=prepare']),
+    ('tfds source without a name', lambda f: own_data(f, **{'data.source': 'tfds'}),
+     ['config.data.tfds.name']),
+    ('prepare without a name', lambda f: ['--mode=prepare'] + own_data(f),
+     ['config.data.tfds.name']),
+    ('prepare a missing file', lambda f: ['--mode=prepare'] + own_data(f, **{
+        'data.train': '/nonexistent/train.jsonl', 'data.tfds.name': 'x',
+        'data.tfds.dir': f['root'] + '/tfds'}), ['/nonexistent/train.jsonl']),
+    ('prepare a malformed file', lambda f: ['--mode=prepare'] + own_data(f, train='malformed', **{
+        'data.tfds.name': 'bad', 'data.tfds.dir': f['root'] + '/tfds'}),
+     ['malformed.jsonl', 'line 2']),
 ]
 
 
@@ -206,6 +219,21 @@ def test_user_mistake_is_one_line_and_exit_status_2(run_py, files, tmp_path, arg
   if SMOKE in argv and not any(a.startswith('--config.data.') for a in argv):
     argv.append(f'--config.data.dir={files["root"]}/smoke')  # not the repository's data/
   assert_user_error(run_py(*argv), *culprits)
+
+
+def test_prepare_is_idempotent_and_refuses_other_files_under_its_name(run_py, files, tmp_path):
+  prepare = ['--mode=prepare'] + own_data(files, **{'data.tfds.name': 'smoke',
+                                                    'data.tfds.dir': str(tmp_path / 'tfds')})
+  first = run_py(*prepare)
+  assert first.returncode == 0, first.stderr[-3000:]
+  result = json.loads(first.stdout.splitlines()[-1])
+  assert result['fid']['records'] == {'train': 64, 'dev': 16, 'test': 16}
+  assert not result['fid']['already_prepared'] and 'preparing fid_qa/smoke train' in first.stderr
+  again = json.loads(run_py(*prepare).stdout.splitlines()[-1])
+  assert again['fid']['already_prepared'] and again['fid']['records'] == result['fid']['records']
+  other = run_py(*prepare, f'--config.data.test={files["dev"]}')
+  assert_user_error(other, str(tmp_path / 'tfds' / 'fid_qa' / 'smoke'), 'prepared from',
+                    'config.data.tfds.name')
 
 
 def test_different_run_in_workdir_is_refused_and_left_intact(run_py, tmp_path):

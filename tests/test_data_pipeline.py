@@ -92,6 +92,27 @@ def test_epoch_visits_every_record_once_sharded(data, tok):
   assert sorted(np.concatenate(seen).tolist()) == list(range(64))
 
 
+def test_seek_positions_a_fresh_loader_on_any_shard_count(data, tok):
+  """seek(it, n) continues where n batches left off; the n-th global batch (the shards' batches
+  side by side) holds the same records for 1, 2 or 4 shards: a run resumes on another count."""
+  def loader(shard, count, batch=8):
+    return pipeline.qa_train_loader(data["train"], tok, seed=3, shard_index=shard,
+                                    shard_count=count, **{**QA, "batch_size": batch // count})
+  reference = _take(iter(loader(0, 1)), 12)  # crosses the 64-record epoch (8 batches)
+  for count in (1, 2, 4):
+    for n in (0, 1, 9):
+      shards = []
+      for shard in range(count):
+        it = iter(loader(shard, count))
+        pipeline.seek(it, n, batch_size=8 // count, shard_index=shard, shard_count=count)
+        shards.append(_take(it, 3))
+        if count == 1:
+          assert _same(shards[0], reference[n:n + 3])
+      for k in range(3):
+        rows = np.concatenate([s[k]["example_index"] for s in shards])
+        assert sorted(rows) == sorted(reference[n + k]["example_index"]), (count, n, k)
+
+
 def test_default_shard_is_jax_process(data, tok):
   loader = pipeline.qa_train_loader(data["train"], tok, seed=0, **QA)
   assert next(iter(loader))["passage_ids"].shape == (B, P, L)

@@ -31,13 +31,13 @@ import numpy as np
 import pytest
 from jax.sharding import AbstractMesh, PartitionSpec as P
 
-from fido import optim, sharding
+from fido import multihost, optim, sharding
 from fido import train_step as ts
 from fido.config import model_config, validate_model_config
 from fido.model.fid import make_model
 
 VOCAB = 256
-MESHES = ((8, 1), (4, 2), (2, 4))
+MESHES = ((8, 1), (4, 2), (2, 4), (4, 2, 'fsdp'))
 AXES = {'data': 2, 'model': 4}
 
 
@@ -81,6 +81,22 @@ def test_rules_shard_heads_d_ff_and_vocab_and_replicate_mq_norms_and_bias():
   assert specs[dec + 'mlp/wo'] == P('model', None)
   assert specs[dec + 'mlp_norm/scale'] == P()
   assert specs['decoder/~/relative_position_bias/embeddings'] == P()
+
+
+def test_fsdp_adds_the_data_axis_to_the_largest_free_dimension_it_divides():
+  params = abstract_params(small_config())
+  specs = spec_table(params, fsdp=True)  # data 2, model 4
+  enc, dec = 'encoder/~/layer_00/~/', 'decoder/~/layer_01/~/'
+  assert specs['shared_embedding/embeddings'] == P('model', 'data')      # [256, 32]
+  assert specs[dec + 'self_attention/query'] == P('data', 'model', None)  # [32, 4, 8]: D > E
+  assert specs[dec + 'self_attention/key'] == P('data', None)             # MQ [32, 8]
+  assert specs[enc + 'mlp/wi_0'] == P('data', 'model')                    # [32, 64]
+  assert specs[dec + 'mlp_norm/scale'] == P()  # replicated-by-rule parameters stay whole
+  # A dimension the data axis does not divide is skipped for the next largest; none: replicated.
+  odd = {'output_projection': {'w': np.zeros((6, 9))}, 'x_norm': {'scale': np.zeros(5)}}
+  odd_specs = spec_table(odd, fsdp=True)
+  assert odd_specs == {'output_projection/w': P('data', None), 'x_norm/scale': P()}
+  assert spec_table(params, fsdp=False) == spec_table(params)
 
 
 def test_rules_cover_fid_and_asymmetric_models():
@@ -166,12 +182,12 @@ def test_distributed_initialises_only_when_configured(monkeypatch):
   for var in ('JAX_COORDINATOR_ADDRESS', 'JAX_NUM_PROCESSES', 'JAX_PROCESS_ID'):
     monkeypatch.delenv(var, raising=False)
   config = sharding.default_config().distributed
-  assert not sharding.maybe_initialize_distributed(config) and not calls
-  assert not sharding.maybe_initialize_distributed(None) and not calls
+  assert not multihost.maybe_initialize_distributed(config) and not calls
+  assert not multihost.maybe_initialize_distributed(None) and not calls
   monkeypatch.setenv('JAX_NUM_PROCESSES', '4')
   monkeypatch.setenv('JAX_PROCESS_ID', '2')
   config.coordinator_address = '10.0.0.1:1234'
-  assert sharding.maybe_initialize_distributed(config)
+  assert multihost.maybe_initialize_distributed(config)
   assert calls == [dict(coordinator_address='10.0.0.1:1234', num_processes=4, process_id=2)]
 
 
@@ -212,7 +228,8 @@ def multi_device_checks() -> dict:
   reference_params = jax.device_get(reference.params)
 
   results = {'meshes': {}}
-  for shape in MESHES:
+  for *shape, layout in (m if len(m) == 3 else (*m, '') for m in MESHES):
+    shape, fsdp = tuple(shape), layout == 'fsdp'
     mesh = sharding.make_mesh(shape)
     if shape == (2, 4):
       state, shardings = sharding.init_sharded_train_state(model, optimizer, rng, batches[0], mesh)
@@ -220,9 +237,10 @@ def multi_device_checks() -> dict:
           jax.tree.leaves(jax.device_get(state.params)), jax.tree.leaves(initial.params)))
       results['sharded_init_max_diff'] = init_diff
     else:
-      shardings = sharding.train_state_shardings(jax.eval_shape(init, rng, batches[0]), mesh)
+      shardings = sharding.train_state_shardings(jax.eval_shape(init, rng, batches[0]), mesh,
+                                                 fsdp=fsdp)
       state = jax.device_put(jax.tree.map(jnp.copy, initial), shardings)  # the step donates it
-    if shape == (4, 2):
+    if shape == (4, 2) and not fsdp:
       config = ts.default_config()
       config.update(batch_size=8, gradient_accumulation_steps=2, remat='layer')
       sharding.check_batch_size(config.batch_size, mesh, config.gradient_accumulation_steps)
@@ -242,7 +260,7 @@ def multi_device_checks() -> dict:
                        ('wo', state.params['decoder/~/layer_01/~/mlp']['wo'])):
       layouts[name] = [list(leaf.sharding.spec), list(leaf.addressable_shards[0].data.shape)]
     opt_v = [x for x in jax.tree.leaves(state.opt_state) if x.shape == (32, 4, 8)]
-    results['meshes']['x'.join(map(str, shape))] = dict(
+    results['meshes']['x'.join(map(str, shape)) + '-fsdp' * fsdp] = dict(
         max_param_diff=max_diff, step=int(state.step), loss=float(metrics['loss']),
         layouts=layouts, opt_specs=sorted({str(tuple(x.sharding.spec)) for x in opt_v}))
   try:
@@ -275,8 +293,8 @@ def run_multi_device_checks() -> dict:
 def test_sharded_training_on_8_devices():
   """One test, so that pytest-xdist never starts the (compile-heavy) subprocess twice."""
   results = run_multi_device_checks()
-  # The sharded step equals the single-device step on every mesh (params after 2 steps).
-  for shape in ('8x1', '4x2', '2x4'):
+  # The sharded step equals the single-device step on every mesh (params after 2 steps), FSDP too.
+  for shape in ('8x1', '4x2', '2x4', '4x2-fsdp'):
     result = results['meshes'][shape]
     assert result['step'] == 2, shape
     assert result['max_param_diff'] < 1e-5, (shape, result)
@@ -292,6 +310,14 @@ def test_sharded_training_on_8_devices():
   assert layouts['wo'] == [['model', None], [16, 32]]
   # The optimizer's query/key-shaped second moments follow their parameters onto the mesh.
   assert results['meshes']['2x4']['opt_specs'] == ["(None, 'model', None)"]
+  # FSDP: each parameter's largest free dimension also over 'data' (4): query [32, 4, 8] by D and
+  # heads, MQ key [32, 8] by D, wo [64, 32] by d_ff (model) and D (data); optimizer state alike.
+  layouts = results['meshes']['4x2-fsdp']['layouts']
+  assert layouts['query'] == [['data', 'model', None], [8, 2, 8]]
+  assert layouts['mq_key'] == [['data', None], [8, 8]]
+  assert layouts['wo'] == [['model', 'data'], [32, 8]]
+  assert layouts['embeddings'] == [['model', 'data'], [128, 8]]
+  assert results['meshes']['4x2-fsdp']['opt_specs'] == ["('data', 'model', None)"]
   # 8x1: the model axis has size 1, so every parameter is whole on every device.
   assert results['meshes']['8x1']['layouts']['query'][1] == [32, 4, 8]
 

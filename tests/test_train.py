@@ -10,10 +10,11 @@ import time
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
-from fido import checkpoint, optim, start, train, train_step
+from fido import checkpoint, optim, prepare, start, train, train_step
 from fido import workdir as workdir_lib
 from fido.config import load_config_file
 from fido.data import stream
@@ -420,3 +421,49 @@ def test_bad_uptraining_fails_clearly_and_multi_head_models_ignore_it(data_dir, 
   assert result['step'] == 4 and 'mha_steps' not in result
   assert not os.path.exists(tmp_path / 'mha' / train.MULTI_HEAD_DIR)
   assert [m['step'] for m in read_metrics(tmp_path / 'mha') if 'loss' in m] == [1, 2, 3, 4]
+
+
+def test_stream_state_is_the_position_the_step_implies(data_dir):
+  """The data state is {'stage', 'batches'}, a function of the step (no reader position of one
+  process), so it resumes on any process count; an older checkpoint's grain bytes are not read."""
+  config = curriculum_config(data_dir, steps=6)
+  config.data = resolve_data(config.data)
+  tokenizer = load_tokenizer(config.data.tokenizer)
+  records = stream.read_train_data(config)
+  fresh = stream.DataStream(config, tokenizer, records)
+  batches = [fresh.next(step)['example_index'] for step in range(5)]
+  assert fresh.get_state() == {'stage': 2, 'batches': 1}  # steps 0-1: stage 0, 2-3: 1, 4: 2
+  fresh.close()
+  for step, state in ((3, {'stage': 1, 'batches': 1}), (4, {'stage': 1, 'batches': 2}),
+                      (3, b'{"grain": "bytes"}')):
+    resumed = stream.DataStream(config, tokenizer, records)
+    resumed.set_state(step, state)
+    assert (resumed.next(step)['example_index'] == batches[step]).all()
+    resumed.close()
+  with pytest.raises(ValueError, match=r"step 3, \{'stage': 1, 'batches': 2\}, does not match"):
+    stream.DataStream(config, tokenizer, records).set_state(3, {'stage': 1, 'batches': 2})
+
+
+def test_tfds_source_trains_and_evaluates_like_the_files(data_dir, tmp_path):
+  """source='tfds' (prepared by run.py --mode=prepare) reads the same records in the same order as
+  the files it was prepared from: the same batches, losses and test metrics."""
+  files = smoke_config(data_dir, steps=2, eval_every=0, log_every=1)
+  files.data = resolve_data(files.data)
+  files.data.source = 'files'
+  streamed = smoke_config(data_dir, steps=2, eval_every=0, log_every=1)
+  streamed.data.update(source='tfds', tokenizer=files.data.tokenizer)
+  streamed.data.tfds.update(dir=str(tmp_path / 'tfds'), name='smoke')
+  to_prepare = ml_collections.ConfigDict(files.to_dict())
+  to_prepare.data.tfds = streamed.data.tfds
+  prepare.run_prepare(to_prepare)
+  results = [train.run_train(c, str(tmp_path / name)) for c, name in ((files, 'files'),
+                                                                       (streamed, 'tfds'))]
+  assert results[0]['test_f1'] == results[1]['test_f1']
+  assert results[0]['test_count'] == results[1]['test_count'] == 16
+  assert ([m['loss'] for m in read_metrics(tmp_path / 'files') if 'loss' in m] ==
+          [m['loss'] for m in read_metrics(tmp_path / 'tfds') if 'loss' in m])
+  # Pre-training reads the corpus prepared beside it (text_corpus/<name>), in file order.
+  streamed.train.task = 'pretrain'
+  documents = stream.read_train_data(streamed)
+  with open(files.data.corpus) as f:
+    assert [documents[i] for i in range(len(documents))] == [l.strip() for l in f if l.strip()]

@@ -75,8 +75,8 @@ def encode_passages(tokenizer: Tokenizer, record: dict, n_passages: int,
     rows = [toks + [EOS_ID]]
   else:
     rows = []
-    for i, ctx in enumerate(ctxs):
-      toks = tokenizer.encode(fid_passage_text(q, ctx["title"], ctx["text"]))
+    texts = [fid_passage_text(q, ctx["title"], ctx["text"]) for ctx in ctxs]
+    for i, toks in enumerate(tokenizer.encode_batch(texts)):
       if len(toks) + 1 > passage_len:
         _check_prefix(tokenizer, record, i, passage_len)
       rows.append(_fit(toks, passage_len))

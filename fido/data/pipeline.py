@@ -14,7 +14,10 @@ Determinism and resume: every loader is a function of (records, config, seed, sh
 (shuffle order, answer choice, span noise) comes from grain's per-record rngs derived from `seed`.
 `it = iter(loader)`; `state = it.get_state()` (bytes) can be stored (or saved with orbax through
 `grain.checkpoint.CheckpointSave(it)` / `CheckpointRestore(it)`); `it2 = iter(loader);
-it2.set_state(state)` continues exactly where `it` stopped.
+it2.set_state(state)` continues exactly where `it` stopped. `seek(it, n)` positions a fresh
+training iterator after its first n batches from n alone: with worker_count=0, the n-th global batch
+(process batches side by side) holds the same records whatever the number of processes, so a run
+can resume on another process count.
 
 Multi-host: records are sharded by process (shard_index/shard_count default to
 jax.process_index() / jax.process_count()); `batch_size` is the per-process batch. Eval loaders
@@ -25,6 +28,7 @@ count.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 
 import grain
@@ -126,6 +130,28 @@ def _train_loader(source: Sequence, transform, *, batch_size: int, seed: int,
       operations=[transform, grain.transforms.Batch(batch_size, drop_remainder=True), *extra_ops],
       shard_options=grain.sharding.ShardOptions(index, count, drop_remainder=True),
       worker_count=worker_count, read_options=_read_options(source, read_options))
+
+
+def seek(iterator, batches: int, *, batch_size: int, shard_index: int | None = None,
+         shard_count: int | None = None) -> None:
+  """Positions a fresh iterator of a training loader (`_train_loader`'s, same batch_size and
+  shard) after its first `batches` batches, without reading them.
+
+  grain's DataLoader state is in sampler positions: shard p of n (with w workers; 0 counts as
+  one stream) reads positions p + j*n + m*w*n in worker j, which batches them b at a time, and
+  the loader takes its batches from the workers in turn. After t batches worker j has made
+  c_j = ceil((t - j) / w) of them, so its last position is p + j*n + (c_j*b - 1)*w*n.
+  """
+  index, count = _shard(shard_index, shard_count)
+  state = json.loads(iterator.get_state())
+  workers = state["worker_count"]
+  streams = max(workers, 1)
+  made = [max(0, -(-(batches - j) // streams)) for j in range(streams)]
+  state["last_seen_indices"] = {
+      str(j): index + j * count + (made[j] * batch_size - 1) * streams * count
+      for j in range(streams)}
+  state["last_worker_index"] = batches % workers - 1 if workers else -1
+  iterator.set_state(json.dumps(state).encode())
 
 
 def qa_train_loader(records: Sequence[dict], tokenizer: Tokenizer, *, batch_size: int,

@@ -1,4 +1,13 @@
-"""Where the data comes from: the `config.data` section and its resolution to files on disk."""
+"""Where the data comes from: the `config.data` section and its resolution to files on disk.
+
+  source='synthetic'  generated locally into `dir` (the embedded default, tests)
+  source='files'      FiD-format files (JSON / JSONL) and a text corpus, read whole into every
+                      process's memory: for small data (a 2,000-record file of 100 passages takes
+                      ~0.2 GB per process; README "Streaming data")
+  source='tfds'       the same files prepared once (`run.py --mode=prepare`) as array_record
+                      datasets under `tfds.dir`: read by random access, each process only the
+                      records it uses (fido.data.tfds_builders); the way for real data
+"""
 
 import os
 import sys
@@ -13,12 +22,18 @@ from fido.errors import MissingInputError
 def default_data_config() -> ml_collections.ConfigDict:
   """The `config.data` section: synthetic retrieval-QA (generated locally) or FiD-format files."""
   return ml_collections.ConfigDict(dict(
-      source='synthetic',    # 'synthetic' (generated into `dir`) | 'files' (the paths below)
+      source='synthetic',    # 'synthetic' (generated into `dir`) | 'files' (the paths below,
+                             # read whole) | 'tfds' (prepared from them by --mode=prepare)
       dir='data/generated/synthetic',
       tokenizer='', train='', dev='', test='', corpus='',  # filled in for 'synthetic'
+      # source='tfds': array_record data sets under `dir`: fid_qa/<name> (splits train, dev, test)
+      # and, for pre-training, text_corpus/<name> or `corpus` (a prepared name such as 'c4/en').
+      tfds=dict(dir='data/tfds', name='', corpus=''),
       n_passages=10, passage_len=256, target_len=32,
       answer_choice='first',  # training target when there is no `target`: 'first' | 'random'
       on_error='raise',       # a bad record: 'raise' (DataError) | 'skip' (counted, reported)
+      worker_count=0,         # training loader: grain worker processes (0: in this process). A
+                              # run resumes with the same processes x workers (else it is refused)
       inputs_length=512,      # pre-training (span corruption) input length; targets follow
       synthetic=dict(seed=0, n_train=3000, n_dev=300, n_test=300, answer_position='early',
                      vocab_size=600),
@@ -40,8 +55,13 @@ def resolve_data(data: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         announce=lambda message: print(message, file=sys.stderr, flush=True))
     for field in ('tokenizer', 'train', 'dev', 'test', 'corpus'):
       data[field] = data[field] or getattr(paths, field)
+  elif data.source == 'tfds':
+    if not data.tfds.name:
+      raise DataError('config.data.tfds.name is empty: source=tfds reads the data set prepared '
+                      'under that name by run.py --mode=prepare (see data/README.md)')
   elif data.source != 'files':
-    raise DataError(f"config.data.source={data.source!r}: expected 'synthetic' or 'files'")
+    raise DataError(f"config.data.source={data.source!r}: expected 'synthetic', 'files' or "
+                    "'tfds'")
   if data.get('on_error', 'raise') not in ('raise', 'skip'):
     raise DataError(f"config.data.on_error={data.on_error!r}: expected 'raise' or 'skip'")
   if not data.tokenizer:

@@ -13,7 +13,7 @@ resumable, prefetching stream of batches across stages (fido.train's input).
 import concurrent.futures
 import logging
 import os
-from typing import Any
+from typing import Any, Mapping, Sequence
 
 import jax
 import ml_collections
@@ -21,7 +21,7 @@ import numpy as np
 import tqdm
 
 from fido.config import ConfigError
-from fido.data import fid_format, pipeline
+from fido.data import fid_format, pipeline, tfds_builders
 from fido.data.errors import DataError
 from fido.data.tokenizer import Tokenizer
 from fido.errors import MissingInputError
@@ -106,12 +106,17 @@ class StageProgress:
 
 
 def read_fid_records(config: ml_collections.ConfigDict, split: str, limit: int = 0,
-                     reports: dict[str, Any] | None = None) -> list[dict]:
+                     reports: dict[str, Any] | None = None) -> Sequence[dict]:
   """The normalized records of `config.data[split]` (the first `limit`; all when 0).
 
-  Bad records raise DataError, or with `config.data.on_error='skip'` are counted by reason: the
-  count is logged and, when `reports` is given, stored there under the split's name.
+  source='tfds': a random-access view of the prepared split (records are read when used; bad
+  ones were dealt with when it was prepared). Otherwise the file, read whole: bad records raise
+  DataError, or with `config.data.on_error='skip'` are counted by reason: the count is logged
+  and, when `reports` is given, stored there under the split's name.
   """
+  if config.data.source == 'tfds':
+    source = tfds_builders.load_fid_source(config.data.tfds.dir, config.data.tfds.name, split)
+    return tfds_builders.head(source, limit) if limit else source
   path = config.data[split]
   records, report = fid_format.read_fid_file(path, n_passages=config.data.n_passages,
                                              on_error=config.data.get('on_error', 'raise'))
@@ -123,13 +128,19 @@ def read_fid_records(config: ml_collections.ConfigDict, split: str, limit: int =
 
 
 def read_train_data(config: ml_collections.ConfigDict,
-                    reports: dict[str, Any] | None = None) -> list:
-  """Fine-tuning: the normalized FiD records; pre-training: the corpus documents.
+                    reports: dict[str, Any] | None = None) -> Sequence:
+  """Fine-tuning: the normalized FiD records; pre-training: the corpus documents (a list, or
+  with source='tfds' a random-access view of the prepared data).
 
   Raises DataError when there are fewer than one batch (config.train.batch_size) of them.
   """
   data = config.data
-  if config.train.task == 'finetune':
+  if data.source == 'tfds':
+    records = (read_fid_records(config, 'train') if config.train.task == 'finetune' else
+               tfds_builders.load_text_source(data.tfds.dir, data.tfds.corpus
+                                              or f'{tfds_builders.TEXT_BUILDER}/{data.tfds.name}'))
+    source = repr(records)
+  elif config.train.task == 'finetune':
     records, source = read_fid_records(config, 'train', reports=reports), data.train
   else:
     if not data.corpus or not os.path.isfile(data.corpus):
@@ -143,11 +154,16 @@ def read_train_data(config: ml_collections.ConfigDict,
   return records
 
 
-def make_train_loader(config: ml_collections.ConfigDict, tokenizer: Tokenizer, examples: list,
+def per_process_batch(config: ml_collections.ConfigDict) -> int:
+  """This process's rows of each training batch: config.train.batch_size / process count."""
+  return config.train.batch_size // jax.process_count()
+
+
+def make_train_loader(config: ml_collections.ConfigDict, tokenizer: Tokenizer, examples: Sequence,
                       stage: int = 0):
   """The training loader of curriculum stage `stage` over read_train_data's `examples`."""
   data, train = config.data, config.train
-  per_process = train.batch_size // jax.process_count()
+  per_process = per_process_batch(config)
   if train.task == 'finetune':
     cur = data.curriculum
     warmup = stage < len(cur.steps)
@@ -155,39 +171,58 @@ def make_train_loader(config: ml_collections.ConfigDict, tokenizer: Tokenizer, e
         examples, tokenizer, batch_size=per_process,
         n_passages=cur.n_passages[stage] if warmup else data.n_passages,
         passage_len=data.passage_len, target_len=data.target_len, seed=train.seed + stage,
-        answer_choice=data.answer_choice, answer_first=warmup and cur.answer_first)
+        answer_choice=data.answer_choice, answer_first=warmup and cur.answer_first,
+        worker_count=data.get('worker_count', 0))
   return pipeline.span_corruption_loader(
       examples, tokenizer, batch_size=per_process, seed=train.seed,
-      inputs_length=data.inputs_length, qa_shaped=True)
+      inputs_length=data.inputs_length, qa_shaped=True, worker_count=data.get('worker_count', 0))
+
+
+def stage_start(config: ml_collections.ConfigDict, stage: int) -> int:
+  """The first training step of curriculum stage `stage`."""
+  return int(sum(config.data.curriculum.steps[:stage]))
 
 
 class DataStream:
   """Training batches across curriculum stages; get_state/set_state resume exactly at any step.
 
-  The batch of step s + 1 is prepared in a background thread while step s trains (tokenization
-  is Python; the train step releases the GIL). Each batch comes with the iterator state after it,
-  so get_state() is the state after the last batch handed out, whatever was prefetched since.
-  A checkpoint after `step` steps stores the iterator of the stage that fed step `step - 1`; if
-  step `step` starts a new stage, resuming starts that stage's loader afresh.
+  The batch of step s is the (s - start of its stage)-th batch of its stage's loader, so the
+  stream's position is a function of the step; its state, {'stage', 'batches' (handed out in that
+  stage)}, holds no process's own reader position and resumes on any number of processes (each
+  process's loader is sought to that many batches, `pipeline.seek`). With grain workers
+  (config.data.worker_count > 0) the records of a global batch depend on processes x workers,
+  which the state then records ('readers') and a resume must keep. The batch of step s + 1 is
+  prepared in a background thread while step s trains (tokenization is Python; the train step
+  releases the GIL). A checkpoint after `step` steps stores the position in the stage that fed
+  step `step - 1`; if step `step` starts a new stage, resuming starts that stage's loader afresh.
   """
 
-  def __init__(self, config: ml_collections.ConfigDict, tokenizer: Tokenizer, examples: list):
+  def __init__(self, config: ml_collections.ConfigDict, tokenizer: Tokenizer, examples: Sequence):
     self.config, self.tokenizer, self.examples = config, tokenizer, examples
     self.stage, self.iterator, self.state = None, None, None
     self.current_stage = None  # the stage of the last batch handed out
     self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1)
     self._pending = None  # (step, future of (stage, batch, state after it))
 
-  def _start(self, stage: int) -> None:
+  def _start(self, stage: int, batches: int = 0) -> None:
     self.stage = stage
     self.iterator = iter(make_train_loader(self.config, self.tokenizer, self.examples, stage))
+    if batches:
+      pipeline.seek(self.iterator, batches, batch_size=per_process_batch(self.config))
 
   def _fetch(self, step: int) -> tuple[int, dict, Any]:
     stage = data_stage(self.config, step)
     if stage != self.stage:
       self._start(stage)
     batch = next(self.iterator)
-    return stage, batch, self.iterator.get_state()
+    return stage, batch, self._position(stage, step + 1 - stage_start(self.config, stage))
+
+  def _position(self, stage: int, batches: int) -> dict:
+    position = dict(stage=stage, batches=batches)
+    workers = self.config.data.get('worker_count', 0)
+    if workers:
+      position['readers'] = jax.process_count() * workers
+    return position
 
   def _drain(self) -> None:
     if self._pending is not None:
@@ -207,16 +242,27 @@ class DataStream:
     self._pending = (step + 1, self._executor.submit(self._fetch, step + 1))
     return batch
 
-  def get_state(self):
+  def get_state(self) -> dict | None:
     return self.state
 
   def set_state(self, step: int, state) -> None:
-    """Positions the stream after `step` steps, from the state saved at that step."""
+    """Positions the stream after `step` steps. `state`, saved at that step, must agree (an
+    older checkpoint's grain bytes are not read: the position follows from the step)."""
     self._drain()
-    self._start(data_stage(self.config, max(step - 1, 0)))
-    if state is not None:
-      self.iterator.set_state(state)
-    self.state = self.iterator.get_state()
+    stage = data_stage(self.config, max(step - 1, 0))
+    batches = step - stage_start(self.config, stage)
+    expected = self._position(stage, batches)
+    if isinstance(state, Mapping) and state.get('readers') != expected.get('readers'):
+      raise ConfigError(f'the checkpoint at step {step} was written reading the data with '
+                        f'{state.get("readers", 0)} grain workers in all (processes x '
+                        f'config.data.worker_count), this run reads with '
+                        f'{expected.get("readers", 0)}: resume with as many (worker_count=0 '
+                        'resumes on any number of processes)')
+    if isinstance(state, Mapping) and dict(state) != expected:
+      raise ValueError(f'the data state saved at step {step}, {dict(state)}, does not match '
+                       f'the stream position {expected} that step implies')
+    self._start(stage, batches)
+    self.state = expected
     self.current_stage = self.stage
 
   def close(self) -> None:

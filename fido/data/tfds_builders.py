@@ -1,7 +1,10 @@
-"""TFDS builders: local FiD files and text corpora -> array_record datasets, read without TF.
+"""Local FiD files and text corpora -> TFDS array_record data sets, written and read without TF.
 
-TFDS 4.9 writes and reads `file_format='array_record'` without TensorFlow; reading goes through
-`as_data_source(split)`, a random-access source that grain consumes directly.
+Each split is streamed into one array_record file of TFDS-serialized examples, with TFDS's
+metadata beside it (`tfds.folder_dataset.write_metadata`); reading goes through
+`tfds.builder_from_directory(...).as_data_source(split)`, a random-access source that grain
+consumes directly. (TFDS's GeneratorBasedBuilder would write the same files, but it holds a split
+in memory and spills one over 1 GB through TensorFlow.)
 
   prepare_fid_dataset(data_dir, "nq", {"train": "NQ/train.json", "dev": ..., "test": ...})
       -> {data_dir}/fid_qa/nq/1.0.0/   (features: question, answers, target,
@@ -13,7 +16,7 @@ TFDS 4.9 writes and reads `file_format='array_record'` without TensorFlow; readi
   load_fid_source(data_dir, "nq", "dev")[i]      -> normalized record (fido.data.fid_format)
   load_text_source(data_dir, "text_corpus/wiki") -> documents as str
   load_text_source(data_dir, "c4/en")            -> catalog C4, if prepared there as array_record
-Records keep the input order (disable_shuffling): an example_index maps back to the file's records.
+Records keep the input order: an example_index maps back to the file's records.
 """
 
 from __future__ import annotations
@@ -23,10 +26,16 @@ import gzip
 import json
 import logging
 import os
-from collections.abc import Mapping, Sequence
+import shutil
+import sys
+import tempfile
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import NamedTuple
 
 import numpy as np
 import tensorflow_datasets as tfds
+import tqdm
+from array_record.python import array_record_module
 from etils import epath
 
 from fido.data import fid_format
@@ -34,6 +43,8 @@ from fido.data.errors import DataError
 
 FID_BUILDER = "fid_qa"
 TEXT_BUILDER = "text_corpus"
+VERSION = "1.0.0"
+_FILE_TEMPLATE = "{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y}"
 
 
 def _fid_features() -> tfds.features.FeaturesDict:
@@ -73,46 +84,68 @@ def example_to_record(ex: Mapping) -> dict:
           "record_number": int(ex["record_number"])}
 
 
-class _LocalFilesBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
-  """A builder of user-supplied local files: nothing is downloaded, so no checksums file."""
-
-  @tfds.core.utils.classproperty
-  @classmethod
-  def code_path(cls) -> epath.Path:
-    # TFDS's default resolves the defining package through importlib resources, which for a
-    # namespace package needs the `importlib_resources` backport; only the file path is used.
-    return epath.Path(__file__)
+class Prepared(NamedTuple):
+  """A prepared data set: its directory, records per split, and (when this call wrote it) each FiD
+  split's ReadReport (what was skipped or warned about)."""
+  path: str
+  records: dict[str, int]
+  reports: dict[str, fid_format.ReadReport]
 
 
-class FidQa(_LocalFilesBuilder):
-  """FiD-format QA files (JSON / JSONL, optionally .gz) of one data set; config = data set name."""
+def _write_dataset(data_dir: str, builder: str, name: str, features: tfds.features.FeaturesDict,
+                   splits: Mapping[str, Callable[[], Iterable[dict]]], description: str
+                   ) -> tuple[str, dict[str, int], bool]:
+  """Writes {data_dir}/{builder}/{name}/{VERSION}/: one array_record file per split of the
+  serialized examples `splits[split]()` yields, in order, and TFDS's metadata
+  (tfds.folder_dataset.write_metadata), so that builder_from_directory / as_data_source read it.
+  A no-op when that directory exists; written into a temporary directory renamed when complete.
+  Returns (path, records per split, whether it wrote).
 
-  VERSION = tfds.core.Version("1.0.0")
+  Memory stays flat whatever the size (one example at a time): TFDS's own builders buffer a split
+  in memory and above 1 GB spill it through TensorFlow, which fido does not install.
+  """
+  root = os.path.join(os.path.expanduser(data_dir), builder, name)
+  path = os.path.join(root, VERSION)
+  if os.path.isfile(os.path.join(path, "dataset_info.json")):
+    info = tfds.builder_from_directory(path).info
+    return path, {k: v.num_examples for k, v in info.splits.items()}, False
+  os.makedirs(root, exist_ok=True)
+  tmp = tempfile.mkdtemp(dir=root, prefix=f".incomplete-{VERSION}-")
+  try:
+    split_infos, counts = [], {}
+    for split, examples in splits.items():
+      template = tfds.core.ShardedFileTemplate(
+          data_dir=epath.Path(tmp), template=_FILE_TEMPLATE, dataset_name=builder, split=split,
+          filetype_suffix="array_record")
+      writer = array_record_module.ArrayRecordWriter(
+          os.fspath(template.sharded_filepath(shard_index=0, num_shards=1)), "group_size:1")
+      n = size = 0
+      for example in tqdm.tqdm(examples(), desc=f"preparing {builder}/{name} {split}",
+                               unit=" records", file=sys.stderr):
+        data = features.serialize_example(example)
+        writer.write(data)
+        n, size = n + 1, size + len(data)
+      writer.close()
+      counts[split] = n
+      split_infos.append(tfds.core.SplitInfo(name=split, shard_lengths=[n], num_bytes=size,
+                                             filename_template=template))
+    tfds.folder_dataset.write_metadata(
+        data_dir=tmp, features=features, split_infos=split_infos, version=VERSION,
+        filename_template=_FILE_TEMPLATE, check_data=False, description=description)
+    os.rename(tmp, path)
+  finally:
+    if os.path.isdir(tmp):
+      shutil.rmtree(tmp)
+  return path, counts, True
 
-  def __init__(self, *, files: Mapping[str, str] | None = None, read_options: Mapping | None = None,
-               **kwargs):
-    self._files = dict(files or {})
-    self._read_options = dict(read_options or {})
-    self.reports: dict[str, fid_format.ReadReport] = {}
-    super().__init__(**kwargs)
 
-  def _info(self) -> tfds.core.DatasetInfo:
-    return tfds.core.DatasetInfo(builder=self, description=self.__doc__, features=_fid_features(),
-                                 disable_shuffling=True)
-
-  def _split_generators(self, dl_manager):
-    del dl_manager
-    return {split: self._generate_examples(split, path) for split, path in self._files.items()}
-
-  def _generate_examples(self, split: str, path: str):
-    report = fid_format.ReadReport(os.fspath(path))
-    self.reports[split] = report
-    for i, record in enumerate(fid_format.iter_fid_file(path, report, **self._read_options)):
-      yield i, record_to_example(record)
-    if not report.kept:
-      raise DataError(f"{report.summary()}: no usable records")
-    if report.skipped or report.warnings:
-      logging.warning("%s", report.summary())
+def _fid_examples(path: str, report: fid_format.ReadReport, read_options: Mapping):
+  for record in fid_format.iter_fid_file(path, report, **read_options):
+    yield record_to_example(record)
+  if not report.kept:
+    raise DataError(f"{report.summary()}: no usable records")
+  if report.skipped or report.warnings:
+    logging.warning("%s", report.summary())
 
 
 def iter_text_documents(path: str, text_field: str = "text"):
@@ -141,35 +174,14 @@ def iter_text_documents(path: str, text_field: str = "text"):
     raise DataError(f"{path}: cannot read ({e})") from e
 
 
-class TextCorpus(_LocalFilesBuilder):
-  """Plain-text / JSONL corpora, one document per record (C4-like); config name = corpus name."""
-
-  VERSION = tfds.core.Version("1.0.0")
-
-  def __init__(self, *, files: Mapping[str, Sequence[str]] | None = None, text_field: str = "text",
-               **kwargs):
-    self._files = {k: [v] if isinstance(v, (str, os.PathLike)) else list(v)
-                   for k, v in (files or {}).items()}
-    self._text_field = text_field
-    super().__init__(**kwargs)
-
-  def _info(self) -> tfds.core.DatasetInfo:
-    features = tfds.features.FeaturesDict({"text": tfds.features.Text()})
-    return tfds.core.DatasetInfo(builder=self, description=self.__doc__, features=features,
-                                 disable_shuffling=True)
-
-  def _split_generators(self, dl_manager):
-    del dl_manager
-    return {split: self._generate_examples(paths) for split, paths in self._files.items()}
-
-  def _generate_examples(self, paths: Sequence[str]):
-    n = 0
-    for file_index, path in enumerate(paths):
-      for line, doc in iter_text_documents(os.fspath(path), self._text_field):
-        n += 1
-        yield f"{file_index:05d}-{line:012d}", {"text": doc}
-    if not n:
-      raise DataError(f"{', '.join(map(str, paths))}: no documents")
+def _text_examples(paths: Sequence[str], text_field: str):
+  n = 0
+  for path in paths:
+    for _, doc in iter_text_documents(os.fspath(path), text_field):
+      n += 1
+      yield {"text": doc}
+  if not n:
+    raise DataError(f"{', '.join(map(str, paths))}: no documents")
 
 
 def _check_name(name: str) -> None:
@@ -178,35 +190,37 @@ def _check_name(name: str) -> None:
 
 
 def prepare_fid_dataset(data_dir: str | os.PathLike, name: str, files: Mapping[str, str],
-                        **read_options) -> FidQa:
+                        **read_options) -> Prepared:
   """Converts FiD files {split: path} to {data_dir}/fid_qa/{name}/1.0.0; no-op if already prepared.
 
   read_options go to fid_format.iter_fid_file (require_passages, require_answers, on_error, ...).
-  The returned builder's `.reports` holds each split's ReadReport (empty if prepared before).
+  The result's `.reports` holds each split's ReadReport (empty if prepared before).
   """
   _check_name(name)
-  config = tfds.core.BuilderConfig(name=name, description=f"FiD files: {dict(files)}")
-  builder = FidQa(files=files, read_options=read_options, config=config,
-                  data_dir=os.path.expanduser(os.fspath(data_dir)),
-                  file_format="array_record")
-  builder.download_and_prepare()
-  return builder
+  reports = {split: fid_format.ReadReport(os.fspath(p)) for split, p in files.items()}
+  splits = {split: functools.partial(_fid_examples, os.fspath(p), reports[split], read_options)
+            for split, p in files.items()}
+  path, counts, wrote = _write_dataset(os.fspath(data_dir), FID_BUILDER, name, _fid_features(),
+                                       splits, f"FiD files: {dict(files)}")
+  return Prepared(path, counts, reports if wrote else {})
 
 
 def prepare_text_corpus(data_dir: str | os.PathLike, name: str,
                         files: Mapping[str, str | Sequence[str]],
-                        text_field: str = "text") -> TextCorpus:
+                        text_field: str = "text") -> Prepared:
   """Converts text/JSONL files {split: path(s)} to {data_dir}/text_corpus/{name}/1.0.0.
 
   A no-op when already prepared.
   """
   _check_name(name)
-  config = tfds.core.BuilderConfig(name=name, description="text corpus")
-  builder = TextCorpus(files=files, text_field=text_field, config=config,
-                       data_dir=os.path.expanduser(os.fspath(data_dir)),
-                       file_format="array_record")
-  builder.download_and_prepare()
-  return builder
+  files = {k: [v] if isinstance(v, (str, os.PathLike)) else list(v) for k, v in files.items()}
+  splits = {split: functools.partial(_text_examples, paths, text_field)
+            for split, paths in files.items()}
+  features = tfds.features.FeaturesDict({"text": tfds.features.Text()})
+  path, counts, wrote = _write_dataset(os.fspath(data_dir), TEXT_BUILDER, name, features, splits,
+                                       f"text corpus: {files}")
+  del wrote
+  return Prepared(path, counts, {})
 
 
 def _prepared_dir(data_dir: str, name: str) -> str:
@@ -221,7 +235,8 @@ def _prepared_dir(data_dir: str, name: str) -> str:
   path = os.path.join(root, version)
   if not version or not os.path.isfile(os.path.join(path, "dataset_info.json")):
     raise DataError(f"{data_dir}: no prepared dataset '{name}' (expected {root}/<version>/"
-                    "dataset_info.json); prepare it first, see data/README.md")
+                    "dataset_info.json); prepare it first with python run.py --mode=prepare, "
+                    "see data/README.md")
   return path
 
 
@@ -251,6 +266,27 @@ class _Mapped:
 
   def __getitem__(self, i: int):
     return self._fn(self._source[i])
+
+
+class _Head(_Mapped):
+  """The first `n` elements of a random-access source."""
+
+  def __init__(self, source, n: int):
+    super().__init__(source, lambda x: x, f"{source!r}[:{n}]")
+    self._n = min(n, len(source))
+
+  def __len__(self) -> int:
+    return self._n
+
+  def __getitem__(self, i: int):
+    if not -self._n <= i < self._n:
+      raise IndexError(i)
+    return self._source[i % self._n]
+
+
+def head(source, n: int) -> _Mapped:
+  """A random-access view of the first `n` elements of `source` (e.g. load_fid_source's)."""
+  return _Head(source, n)
 
 
 def load_fid_source(data_dir: str | os.PathLike, name: str, split: str) -> _Mapped:

@@ -55,6 +55,11 @@ class Tokenizer:
     """Token ids of `text`, without EOS."""
     return self._sp.encode(text)
 
+  def encode_batch(self, texts: list[str]) -> list[list[int]]:
+    """Token ids of each text (as `encode`), in one call (a record's passages: less overhead
+    than one call each)."""
+    return self._sp.encode(texts, num_threads=1)
+
   def decode(self, ids: Iterable[int]) -> str:
     """Text of `ids`: stops at the first EOS, drops pad, shows sentinels as `<extra_id_i>`."""
     out, run = [], []
