@@ -266,6 +266,9 @@ def bench_config(setting: str = 'paper') -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(
       setting=setting, repeats=5, warmup=1, seed=0, output='', reference='',
       weights_only=False,  # also time a loop of only the decode step's weight matmuls
+      # reference='ct2' (fido.bench_step): our decode-step weight formats, and more models
+      # (space-separated config files, e.g. 'experiments/fido.py:small') timed in the same run.
+      weight_formats=('float32', 'bfloat16', 'int8'), step_models='',
       **settings[setting]))
 
 

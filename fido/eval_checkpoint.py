@@ -44,13 +44,15 @@ from fido.data.tokenizer import load_tokenizer
 from fido.errors import CheckpointError
 from fido.evaluate import check_has_answers, evaluate_records, write_metrics, write_predictions
 from fido.files import atomic_write
-from fido.model.fid import init_params, make_model
+from fido.model.fid import init_params, make_model, stored_config
 
 _LOG = logging.getLogger(__name__)
 SPLITS = ('train', 'dev', 'test')
-# Model fields an evaluation may choose freely: a size label, the compute dtype, dropout (off).
+# Model fields an evaluation may choose freely: a size label, the compute dtype, dropout (off), the
+# decode step's weight storage (made from the checkpoint's float32 weights at load time).
 # Fields that do not change what a trained checkpoint computes (position_bias_init_std: init only).
-EVAL_FREE_MODEL_FIELDS = ('dropout_rate', 'dtype', 'size', 'position_bias_init_std')
+EVAL_FREE_MODEL_FIELDS = ('dropout_rate', 'dtype', 'size', 'position_bias_init_std',
+                          'decoder_weights')
 _METRICS_FILE = re.compile(r'metrics_step(\d+)\.json')
 
 
@@ -98,7 +100,8 @@ def check_model_matches(saved_model: Mapping[str, Any], model: Mapping[str, Any]
                         where: str) -> None:
   """ConfigError naming every config.model field where the checkpoint and the config differ.
 
-  Compared: everything but EVAL_FREE_MODEL_FIELDS (a size label, dtype, dropout, init std).
+  Compared: everything but EVAL_FREE_MODEL_FIELDS (a size label, dtype, dropout, init std, the
+  decoder's weight storage).
   """
   diffs = config_diff(saved_model, model, prefix='config.model',
                       ignore=lambda name: name.rsplit('.', 1)[-1] in EVAL_FREE_MODEL_FIELDS)
@@ -198,7 +201,9 @@ class _CheckpointEvaluator:
     self.records = records
     self.lengths = dict(n_passages=data['n_passages'], passage_len=data['passage_len'],
                         target_len=data['target_len'])
-    self.abstract_params = jax.eval_shape(lambda rng: init_params(self.model, rng),
+    # Checkpoints hold float32 weights; self.model.load_params converts them after restoring.
+    stored_model = make_model(stored_config(model_config))
+    self.abstract_params = jax.eval_shape(lambda rng: init_params(stored_model, rng),
                                           jax.random.PRNGKey(0))
 
   def evaluate(self, step: int | None) -> dict[str, Any]:
@@ -222,6 +227,7 @@ class _CheckpointEvaluator:
       step, params = ckpt.restore_params_only(self.abstract_params, step=saved.step)
     finally:
       ckpt.close()
+    params = self.model.load_params(params)
     _LOG.info('evaluating %s on %s (%d records)', where, self.split, len(self.records))
     max_len = self.eval.max_decode_len or None
     metrics, predictions = evaluate_records(
