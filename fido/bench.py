@@ -29,7 +29,8 @@ from fido import bench_reference
 from fido import bench_step
 from fido.config import ConfigError
 from fido.decoding import greedy_decode_from_encoding
-from fido.model.fid import make_model
+from fido.model import weights
+from fido.model.fid import make_model, make_policy
 from fido.timing import paired_ratios, time_interleaved
 
 
@@ -88,41 +89,48 @@ _STEP_MODULES = ('self_attention', 'cross_attention', 'mlp')
 REFERENCES = ('', 'hf', 'ct2')
 
 
-def decoder_step_matrices(params) -> list[jax.Array]:
+def decoder_step_matrices(params) -> list[weights.Matrix]:
   """The weight matrices one decode step multiplies by, each as 2-D [in, out]; the output layer last.
 
   Per decoder layer: self-attention query/key/value/output, cross-attention query/output (its
-  key/value projections run once per sequence, in init_cache) and the MLP's wi_0/wi_1/wo.
+  key/value projections run once per sequence, in init_cache) and the MLP's wi_0/wi_1/wo; as stored
+  (fido.model.weights: float32, bfloat16, or int8 with its per-column scale).
   """
   matrices = []
   for module in sorted(params):
     kind = module.split('/')[-1]
     if module.split('/')[0] != 'decoder' or kind not in _STEP_MODULES:
       continue
-    for name, w in sorted(params[module].items()):
-      if kind == 'cross_attention' and name in ('key', 'value'):
-        continue
-      matrices.append(w.reshape(-1, w.shape[-1]) if name == 'output' else w.reshape(w.shape[0], -1))
-  return matrices + [params['output_projection']['w']]
+    for name in weights.STEP_MATRICES[kind]:
+      w, scale = params[module][name], params[module].get(name + weights.SCALE_SUFFIX)
+      n_in = weights.input_axes(name)
+      d_in = int(np.prod(w.shape[:n_in]))
+      matrices.append(weights.Matrix(w.reshape(d_in, -1),
+                                     None if scale is None else scale.reshape(-1)))
+  output = params['output_projection']
+  return matrices + [weights.Matrix(output['w'], output.get('w' + weights.SCALE_SUFFIX))]
 
 
-def weights_only_decode(matrices: Sequence[jax.Array], embeddings_VxD: jax.Array, batch: int,
-                        steps: int, dtype: str = 'float32') -> jax.Array:
-  """`steps` greedy steps that only multiply by `matrices` (cast to `dtype` at use, as the model).
+def weights_only_decode(matrices: Sequence[weights.Matrix | jax.Array], embeddings_VxD: jax.Array,
+                        batch: int, steps: int, dtype: str = 'float32') -> jax.Array:
+  """`steps` greedy steps that only multiply by `matrices` (as the model: float32 ones cast to
+  `dtype` at use, others by fido.model.weights.matmul).
 
   Each matrix multiplies the running activation [batch, D] (tiled or cut to its input width) and
   the mean of the product is added back, so every product is needed at every step; the output
   layer's argmax picks the next token, whose embedding starts the next step. Returns int32 [batch].
   """
+  policy = make_policy(dtype)
+  matrices = [m if isinstance(m, weights.Matrix) else weights.Matrix(m) for m in matrices]
+
   def step(_, token_B):
     x_BxD = embeddings_VxD[token_B]
-    for w in matrices[:-1]:
-      d_in = w.shape[0]
+    for m in matrices[:-1]:
+      d_in = m.w.shape[0]
       x_in = jnp.tile(x_BxD, (1, -(-d_in // x_BxD.shape[1])))[:, :d_in]
-      product = jnp.dot(x_in.astype(dtype), w.astype(dtype), preferred_element_type=jnp.float32)
+      product = weights.matmul(x_in.astype(dtype), m, policy, out_dtype=jnp.float32)
       x_BxD = x_BxD + jnp.mean(product, axis=-1, keepdims=True)
-    logits_BxV = jnp.dot(x_BxD.astype(dtype), matrices[-1].astype(dtype),
-                         preferred_element_type=jnp.float32)
+    logits_BxV = weights.matmul(x_BxD.astype(dtype), matrices[-1], policy, out_dtype=jnp.float32)
     return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
 
   return jax.lax.fori_loop(0, steps, step, jnp.zeros((batch,), jnp.int32))

@@ -70,9 +70,11 @@ def test_decoder_step_matrices_are_every_weight_a_decode_step_reads():
                + 3 * dec.d_model * dec.d_ff)
   expected = (dec.num_layers * per_layer + cross * 2 * dec.d_model * heads
               + dec.d_model * config.model.vocab_size)
-  assert sum(m.size for m in matrices) == expected
-  assert matrices[-1].shape == (dec.d_model, config.model.vocab_size)
-  assert {m.shape[0] for m in matrices} == {dec.d_model, heads, dec.d_ff}
+  assert sum(m.w.size for m in matrices) == expected
+  assert matrices[-1].w.shape == (dec.d_model, config.model.vocab_size)
+  assert {m.w.shape[0] for m in matrices} == {dec.d_model, heads, dec.d_ff}
+  int8 = bench.decoder_step_matrices(weights.convert_params(params, 'int8'))
+  assert [(m.w.shape, m.scale.shape) for m in int8] == [(m.w.shape, m.w.shape[1:]) for m in matrices]
   assert weights.step_bytes(params) == 4 * expected  # what fido.bench_step counts a step reading
 
 
