@@ -44,7 +44,7 @@ from fido.data.tokenizer import load_tokenizer
 from fido.errors import CheckpointError
 from fido.evaluate import check_has_answers, evaluate_records, write_metrics, write_predictions
 from fido.files import atomic_write
-from fido.model.fid import init_params, make_model, stored_config
+from fido.model.fid import FiDFunctions, init_params, make_model, stored_config
 
 _LOG = logging.getLogger(__name__)
 SPLITS = ('train', 'dev', 'test')
@@ -171,9 +171,15 @@ def restore_reader(config: ml_collections.ConfigDict, checkpoint_dir_or_workdir:
     if saved_model is not None and config.get('model') is not None:
       check_model_matches(saved_model, config.model, f'checkpoint {directory}/{saved.step}')
     model, data, tokenizer = build_reader(config, saved.config)
-    abstract = jax.eval_shape(lambda rng: init_params(model, rng), jax.random.PRNGKey(0))
-    step, params = ckpt.restore_params_only(abstract, step=saved.step)
-  return model, params, data, tokenizer, int(step)
+    step, params = ckpt.restore_params_only(stored_abstract_params(model), step=saved.step)
+  return model, model.load_params(params), data, tokenizer, int(step)
+
+
+def stored_abstract_params(model: FiDFunctions):
+  """The shapes of the float32 tree a checkpoint holds for `model`; `model.load_params` converts
+  it to the decoder weight format `model` reads (config.model.decoder_weights)."""
+  stored_model = make_model(stored_config(model.config))
+  return jax.eval_shape(lambda rng: init_params(stored_model, rng), jax.random.PRNGKey(0))
 
 
 class _CheckpointEvaluator:
@@ -201,10 +207,7 @@ class _CheckpointEvaluator:
     self.records = records
     self.lengths = dict(n_passages=data['n_passages'], passage_len=data['passage_len'],
                         target_len=data['target_len'])
-    # Checkpoints hold float32 weights; self.model.load_params converts them after restoring.
-    stored_model = make_model(stored_config(model_config))
-    self.abstract_params = jax.eval_shape(lambda rng: init_params(stored_model, rng),
-                                          jax.random.PRNGKey(0))
+    self.abstract_params = stored_abstract_params(self.model)
 
   def evaluate(self, step: int | None) -> dict[str, Any]:
     directory = resolve_checkpoint_dir(self.path)
