@@ -123,11 +123,18 @@ def probe_cpu(sizes=(256, 512, 1024), copy_mib: int = 256) -> Device:
   for n in sizes:
     a = jax.device_put(jnp.ones((n, n), jnp.float32), cpu)
     peak = max(peak, 2 * n**3 / _best_seconds(matmul, a, a))
-  x = jax.device_put(jnp.ones((copy_mib * 2**20 // 4,), jnp.float32), cpu)
+  memory = os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
+  return Device(f'cpu ({os.cpu_count()} cores, measured)', peak, probe_bandwidth(copy_mib),
+                float(memory))
+
+
+def probe_bandwidth(copy_mib: int = 256) -> float:
+  """This host's memory bandwidth in bytes/s: the faster of a reduction (reads the array) and
+  `x + 1` (reads and writes it) over `copy_mib` MiB of float32, best of 3 runs each."""
+  x = jax.device_put(jnp.ones((copy_mib * 2**20 // 4,), jnp.float32), jax.devices('cpu')[0])
   reads = x.nbytes / _best_seconds(jax.jit(jnp.sum), x)
   copies = 2 * x.nbytes / _best_seconds(jax.jit(lambda v: v + 1.0), x)
-  memory = os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
-  return Device(f'cpu ({os.cpu_count()} cores, measured)', peak, max(reads, copies), float(memory))
+  return max(reads, copies)
 
 
 def get_device(device: str | Device) -> Device:

@@ -26,33 +26,16 @@ import numpy as np
 
 from fido import analysis
 from fido import bench_reference
+from fido import bench_step
 from fido.config import ConfigError
 from fido.decoding import greedy_decode_from_encoding
-from fido.model.fid import make_model
+from fido.model import weights
+from fido.model.fid import make_model, make_policy
+from fido.timing import paired_ratios, time_interleaved
 
 
 def count_params(params) -> int:
   return sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(params))
-
-
-def time_interleaved(fns: Sequence[Callable[[], Any]], repeats: int,
-                     warmup: int) -> list[list[float]]:
-  """Seconds per call of each of `fns`, called round-robin (`warmup` untimed rounds first).
-
-  jax results are waited for; other results (torch tensors) pass `block_until_ready` unchanged.
-  No idling between calls: measured on the 2-core CPU, a 0.1-0.5 s pause before each call slows
-  our decoder ~10% (worker threads fall asleep), with or without another runtime in between.
-  """
-  for _ in range(warmup):
-    for fn in fns:
-      jax.block_until_ready(fn())
-  times = [[] for _ in fns]
-  for _ in range(repeats):
-    for fn, seconds in zip(fns, times):
-      start = time.perf_counter()
-      jax.block_until_ready(fn())
-      seconds.append(time.perf_counter() - start)
-  return times
 
 
 def timing_fields(encoder_s: list[float], decoder_s: list[float], batch: int) -> dict[str, Any]:
@@ -64,15 +47,6 @@ def timing_fields(encoder_s: list[float], decoder_s: list[float], batch: int) ->
   (enc, enc_range), (dec, dec_range) = per_sample_ms(encoder_s), per_sample_ms(decoder_s)
   return dict(encoder_ms=round(enc, 3), decoder_ms=round(dec, 3), total_ms=round(enc + dec, 3),
               encoder_ms_range=enc_range, decoder_ms_range=dec_range)
-
-
-def paired_ratios(numerator_s: Sequence[float], denominator_s: Sequence[float]) -> list[float]:
-  """[min, median, max] over rounds of numerator / denominator (times taken in the same round).
-
-  Round by round, drift on a shared machine cancels; the spread shows how much it moved the ratio.
-  """
-  ratios = [n / d for n, d in zip(numerator_s, denominator_s, strict=True)]
-  return [round(min(ratios), 2), round(statistics.median(ratios), 2), round(max(ratios), 2)]
 
 
 def random_inputs(rng: np.random.Generator, batch: int, n_passages: int, passage_len: int,
@@ -112,43 +86,51 @@ def fido_calls(config: ml_collections.ConfigDict, batch: int, rng: np.random.Gen
 
 
 _STEP_MODULES = ('self_attention', 'cross_attention', 'mlp')
+REFERENCES = ('', 'hf', 'ct2')
 
 
-def decoder_step_matrices(params) -> list[jax.Array]:
+def decoder_step_matrices(params) -> list[weights.Matrix]:
   """The weight matrices one decode step multiplies by, each as 2-D [in, out]; the output layer last.
 
   Per decoder layer: self-attention query/key/value/output, cross-attention query/output (its
-  key/value projections run once per sequence, in init_cache) and the MLP's wi_0/wi_1/wo.
+  key/value projections run once per sequence, in init_cache) and the MLP's wi_0/wi_1/wo; as stored
+  (fido.model.weights: float32, bfloat16, or int8 with its per-column scale).
   """
   matrices = []
   for module in sorted(params):
     kind = module.split('/')[-1]
     if module.split('/')[0] != 'decoder' or kind not in _STEP_MODULES:
       continue
-    for name, w in sorted(params[module].items()):
-      if kind == 'cross_attention' and name in ('key', 'value'):
-        continue
-      matrices.append(w.reshape(-1, w.shape[-1]) if name == 'output' else w.reshape(w.shape[0], -1))
-  return matrices + [params['output_projection']['w']]
+    for name in weights.STEP_MATRICES[kind]:
+      w, scale = params[module][name], params[module].get(name + weights.SCALE_SUFFIX)
+      n_in = weights.input_axes(name)
+      d_in = int(np.prod(w.shape[:n_in]))
+      matrices.append(weights.Matrix(w.reshape(d_in, -1),
+                                     None if scale is None else scale.reshape(-1)))
+  output = params['output_projection']
+  return matrices + [weights.Matrix(output['w'], output.get('w' + weights.SCALE_SUFFIX))]
 
 
-def weights_only_decode(matrices: Sequence[jax.Array], embeddings_VxD: jax.Array, batch: int,
-                        steps: int, dtype: str = 'float32') -> jax.Array:
-  """`steps` greedy steps that only multiply by `matrices` (cast to `dtype` at use, as the model).
+def weights_only_decode(matrices: Sequence[weights.Matrix | jax.Array], embeddings_VxD: jax.Array,
+                        batch: int, steps: int, dtype: str = 'float32') -> jax.Array:
+  """`steps` greedy steps that only multiply by `matrices` (as the model: float32 ones cast to
+  `dtype` at use, others by fido.model.weights.matmul).
 
   Each matrix multiplies the running activation [batch, D] (tiled or cut to its input width) and
   the mean of the product is added back, so every product is needed at every step; the output
   layer's argmax picks the next token, whose embedding starts the next step. Returns int32 [batch].
   """
+  policy = make_policy(dtype)
+  matrices = [m if isinstance(m, weights.Matrix) else weights.Matrix(m) for m in matrices]
+
   def step(_, token_B):
     x_BxD = embeddings_VxD[token_B]
-    for w in matrices[:-1]:
-      d_in = w.shape[0]
+    for m in matrices[:-1]:
+      d_in = m.w.shape[0]
       x_in = jnp.tile(x_BxD, (1, -(-d_in // x_BxD.shape[1])))[:, :d_in]
-      product = jnp.dot(x_in.astype(dtype), w.astype(dtype), preferred_element_type=jnp.float32)
+      product = weights.matmul(x_in.astype(dtype), m, policy, out_dtype=jnp.float32)
       x_BxD = x_BxD + jnp.mean(product, axis=-1, keepdims=True)
-    logits_BxV = jnp.dot(x_BxD.astype(dtype), matrices[-1].astype(dtype),
-                         preferred_element_type=jnp.float32)
+    logits_BxV = weights.matmul(x_BxD.astype(dtype), matrices[-1], policy, out_dtype=jnp.float32)
     return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
 
   return jax.lax.fori_loop(0, steps, step, jnp.zeros((batch,), jnp.int32))
@@ -245,14 +227,21 @@ def run_bench(config: ml_collections.ConfigDict) -> Iterator[dict[str, Any]]:
   """`run.py --mode=bench`: yields a result per batch size as it is measured (and appends each to
   `config.bench.output` if set).
 
+  With `config.bench.reference='ct2'`, yields per batch size the decode step of each engine of
+  fido.bench_step (ours in each weight format, CTranslate2 in float32 and int8), with the ratios.
   With `config.bench.reference='hf'`, also times Hugging Face transformers' T5 FiD on the same
   workload, interleaved with ours call by call, and yields per batch size three results: ours,
   the reference's, and the ratios reference / ours (> 1: we are faster), of the medians and per
   round as [min, median, max].
   """
   bench = config.bench
-  if bench.reference not in ('', 'hf'):
-    raise ConfigError(f'config.bench.reference={bench.reference!r}: expected "" or "hf"')
+  if bench.reference not in REFERENCES:
+    raise ConfigError(f'config.bench.reference={bench.reference!r}: expected one of {REFERENCES}')
+  if bench.reference == 'ct2':
+    for batch in bench.batch_sizes:
+      for line in bench_step.compare_decode_steps(config, batch):
+        yield _append(line, bench.output)
+    return
   if not bench.reference:
     for result in bench_model(config):
       yield _append(result, bench.output)

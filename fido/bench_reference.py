@@ -1,17 +1,32 @@
-"""Reference timings: the same FiD workload through Hugging Face transformers' T5 (PyTorch, CPU).
+"""Reference timings: the same FiD workload through Hugging Face transformers' T5 (PyTorch, CPU) or
+CTranslate2 (`config.bench.reference='hf'` or `'ct2'`).
 
-A bench-only dependency (requirements-test.txt); fido never imports torch at run time. The reference
-is FiD with the config's encoder size for both stacks (transformers' T5 has no multi-query attention,
-layer-sparse cross-attention or asymmetric widths): the baseline FiDO is measured against.
-Timing follows `fido.bench`: encoder = `model.encoder` on [B*P, L]; decoder = `generate` from the
-fused encoder states, exactly `target_len` greedy steps with the KV cache.
+Bench-only dependencies (requirements-test.txt); fido never imports torch, transformers or
+ctranslate2 at run time. The reference is FiD with the config's encoder size for both stacks
+(neither has multi-query attention, layer-sparse cross-attention or asymmetric widths): the
+baseline FiDO is measured against.
+
+HFReference follows `fido.bench`: encoder = `model.encoder` on [B*P, L]; decoder = `generate` from
+the fused encoder states, exactly `target_len` greedy steps with the KV cache.
+
+CT2Reference serves `fido.bench_step` (decode steps): fido FiD parameters -> a Hugging Face T5
+checkpoint (`fido.convert.save_hf_t5`) -> CTranslate2's own T5 converter -> a model directory,
+loaded in float32 and in int8 (CTranslate2 quantises the weights at load time). Its Translator takes
+source tokens, not encoder states, and needs an encoder: the checkpoint keeps one encoder layer (of
+the given parameters), so that CTranslate2's encoder over the fused P * L tokens costs little and
+cancels from the decode step, and its output -- `encoder_output`, computed by transformers -- is
+the encoder output that fido's decoder can be given to decode the same tokens.
 """
 
 import os
+import pathlib
+import tempfile
 from typing import Any
 
 import ml_collections
 import numpy as np
+
+from fido import convert
 
 
 def hf_t5_config(model: ml_collections.ConfigDict):
@@ -75,3 +90,93 @@ class HFReference:
         **timings, repeats=bench.repeats, dtype=self.config.model.dtype, device='cpu (torch)',
         torch=self.torch.__version__, transformers=self.transformers.__version__,
         threads=self.torch.get_num_threads())
+
+
+def fid_twin(model: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """`model` itself if it is a FiD (what Hugging Face T5 can hold), else the FiD of its encoder size."""
+  try:
+    convert.hf_config_from_fid(model)
+    return model
+  except convert.ConversionError:
+    fid = ml_collections.ConfigDict(model.to_dict())
+    fid.encoder.num_kv_heads = fid.encoder.num_heads
+    fid.decoder.update({k: v for k, v in fid.encoder.items()})
+    fid.decoder.update(cross_num_kv_heads=fid.decoder.num_heads, cross_attention_period=1)
+    fid.update(fid_light_k=1, decoder_weights='float32')
+    return fid
+
+
+def one_encoder_layer(params, model: ml_collections.ConfigDict):
+  """(params, config.model) of the same FiD with only its first encoder layer."""
+  one = ml_collections.ConfigDict(model.to_dict())
+  one.encoder.update(size='custom', num_layers=1)
+  kept = {m: leaves for m, leaves in params.items()
+          if not m.startswith('encoder/~/layer_') or m.startswith('encoder/~/layer_00/')}
+  return kept, one
+
+
+class _Vocabulary:
+  """The tokenizer interface CTranslate2's T5 converter reads: token i is '<pad>', '</s>', '<unk>'
+  for ids 0-2 (T5's), else its decimal id."""
+  pad_token, eos_token, unk_token = '<pad>', '</s>', '<unk>'
+
+  def __init__(self, vocab_size: int):
+    self.tokens = ['<pad>', '</s>', '<unk>'] + [str(i) for i in range(3, vocab_size)]
+
+  def get_vocab(self) -> dict[str, int]:
+    return {token: i for i, token in enumerate(self.tokens)}
+
+  def convert_ids_to_tokens(self, i: int) -> str:
+    return self.tokens[i]
+
+
+class CT2Reference:
+  """CTranslate2's T5 from fido FiD parameters (see the module docstring), float32 and int8."""
+
+  COMPUTE_TYPES = ('float32', 'int8')
+
+  def __init__(self, params, model: ml_collections.ConfigDict):
+    try:
+      import ctranslate2  # pylint: disable=g-import-not-at-top  (optional: requirements-test.txt)
+      from ctranslate2.converters import transformers as ct2_transformers  # pylint: disable=g-import-not-at-top
+      import torch  # pylint: disable=g-import-not-at-top  (optional, as ctranslate2)
+      import transformers  # pylint: disable=g-import-not-at-top  (optional, as ctranslate2)
+    except ImportError as e:
+      raise RuntimeError('config.bench.reference="ct2" needs ctranslate2, torch and transformers: '
+                         'pip install -r requirements-test.txt') from e
+    self.ctranslate2, self.torch = ctranslate2, torch
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    params, model = one_encoder_layer(params, model)
+    self.vocabulary = _Vocabulary(model.vocab_size)
+    self.ids = self.vocabulary.get_vocab()
+    with tempfile.TemporaryDirectory() as tmp:
+      hf_dir = convert.save_hf_t5(params, model, pathlib.Path(tmp) / 'hf')
+      self.hf_model = transformers.T5ForConditionalGeneration.from_pretrained(hf_dir).eval()
+      spec = ct2_transformers.T5Loader()(self.hf_model, self.vocabulary)
+      spec.validate()
+      spec.optimize()
+      ct2_dir = pathlib.Path(tmp) / 'ct2'
+      ct2_dir.mkdir()
+      spec.save(str(ct2_dir))
+      self.translators = {ct: ctranslate2.Translator(str(ct2_dir), device='cpu', compute_type=ct,
+                                                     inter_threads=1,
+                                                     intra_threads=os.cpu_count() or 1)
+                          for ct in self.COMPUTE_TYPES}
+
+  def encoder_output(self, ids_BxS: np.ndarray) -> np.ndarray:
+    """The (one-layer) encoder's output [B, S, D] float32 that CTranslate2 decodes from."""
+    with self.torch.inference_mode():
+      return self.hf_model.encoder(input_ids=self.torch.from_numpy(np.asarray(ids_BxS))
+                                   ).last_hidden_state.numpy()
+
+  def decode(self, ids_BxS: np.ndarray, steps: int, compute_type: str) -> np.ndarray:
+    """Exactly `steps` greedy tokens per row (int [B, steps]), encoding `ids_BxS` first."""
+    source = [[self.vocabulary.tokens[i] for i in row] for row in np.asarray(ids_BxS)]
+    results = self.translators[compute_type].translate_batch(
+        source, beam_size=1, max_input_length=0, max_decoding_length=steps,
+        min_decoding_length=steps)
+    return np.array([[self.ids[t] for t in r.hypotheses[0]] for r in results])
+
+  def version(self) -> str:
+    return self.ctranslate2.__version__

@@ -14,6 +14,8 @@ A model config is an `ml_collections.ConfigDict`:
   model.relative_attention_max_distance
   model.fid_light_k               FiD-Light: decoder sees the first passage_len // k tokens per passage
   model.dtype                     compute dtype ('float32' or 'bfloat16'); parameters stay float32
+  model.decoder_weights           inference storage of the decode step's weight matrices: 'float32',
+                                  'bfloat16' or 'int8' (fido.model.weights; made at load time)
 
 A schema: it imports nothing of the library but `fido.errors`, so the model can read it. The
 sections every experiment has are assembled above the library, in `fido.experiment`.
@@ -51,6 +53,7 @@ SIZES: Mapping[str, StackSize] = {
 
 T5_VOCAB_SIZE = 32128
 COMPUTE_DTYPES = ('float32', 'bfloat16')
+DECODER_WEIGHTS = ('float32', 'bfloat16', 'int8')  # fido.model.weights.WEIGHT_FORMATS
 
 
 class ConfigError(UserError, ValueError):
@@ -80,6 +83,7 @@ def model_config(
     vocab_size: int = T5_VOCAB_SIZE,
     dropout_rate: float = 0.0,
     dtype: str = 'float32',
+    decoder_weights: str = 'float32',
 ) -> ml_collections.ConfigDict:
   """A FiD (defaults) or FiDO model config; `decoder=None` means the encoder's size.
 
@@ -100,6 +104,7 @@ def model_config(
       relative_attention_max_distance=128,
       fid_light_k=fid_light_k,
       dtype=dtype,
+      decoder_weights=decoder_weights,
   ))
   validate_model_config(config)
   return config
@@ -150,6 +155,14 @@ def validate_model_config(config: ml_collections.ConfigDict) -> None:
   _check(config.vocab_size >= 2, 'vocab_size', config.vocab_size, 'must be >= 2')
   _check(0.0 <= config.dropout_rate < 1.0, 'dropout_rate', config.dropout_rate, 'must be in [0, 1)')
   _check(config.dtype in COMPUTE_DTYPES, 'dtype', config.dtype, f'must be one of {COMPUTE_DTYPES}')
+  weights = decoder_weights(config)
+  _check(weights in DECODER_WEIGHTS, 'decoder_weights', weights,
+         f'must be one of {DECODER_WEIGHTS} (int8: per-channel weights, for inference)')
+
+
+def decoder_weights(config: ml_collections.ConfigDict) -> str:
+  """config.model.decoder_weights; 'float32' for configs saved before the field existed."""
+  return config.get('decoder_weights', 'float32')
 
 
 def cross_attention_layers(decoder: ml_collections.ConfigDict) -> list[int]:
@@ -253,6 +266,9 @@ def bench_config(setting: str = 'paper') -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(
       setting=setting, repeats=5, warmup=1, seed=0, output='', reference='',
       weights_only=False,  # also time a loop of only the decode step's weight matmuls
+      # reference='ct2' (fido.bench_step): our decode-step weight formats, and more models
+      # (space-separated config files, e.g. 'experiments/fido.py:small') timed in the same run.
+      weight_formats=('float32', 'bfloat16', 'int8'), step_models='',
       **settings[setting]))
 
 

@@ -49,13 +49,15 @@ from fido.data.tokenizer import load_tokenizer
 from fido.errors import CheckpointError
 from fido.evaluate import check_has_answers, evaluate_records, write_metrics, write_predictions
 from fido.files import atomic_write
-from fido.model.fid import init_params, make_model
+from fido.model.fid import FiDFunctions, init_params, make_model, stored_config
 
 _LOG = logging.getLogger(__name__)
 SPLITS = ('train', 'dev', 'test')
-# Model fields an evaluation may choose freely: a size label, the compute dtype, dropout (off).
+# Model fields an evaluation may choose freely: a size label, the compute dtype, dropout (off), the
+# decode step's weight storage (made from the checkpoint's float32 weights at load time).
 # Fields that do not change what a trained checkpoint computes (position_bias_init_std: init only).
-EVAL_FREE_MODEL_FIELDS = ('dropout_rate', 'dtype', 'size', 'position_bias_init_std')
+EVAL_FREE_MODEL_FIELDS = ('dropout_rate', 'dtype', 'size', 'position_bias_init_std',
+                          'decoder_weights')
 _METRICS_FILE = re.compile(r'metrics_step(\d+)\.json')
 
 
@@ -103,7 +105,8 @@ def check_model_matches(saved_model: Mapping[str, Any], model: Mapping[str, Any]
                         where: str) -> None:
   """ConfigError naming every config.model field where the checkpoint and the config differ.
 
-  Compared: everything but EVAL_FREE_MODEL_FIELDS (a size label, dtype, dropout, init std).
+  Compared: everything but EVAL_FREE_MODEL_FIELDS (a size label, dtype, dropout, init std, the
+  decoder's weight storage).
   """
   diffs = config_diff(saved_model, model, prefix='config.model',
                       ignore=lambda name: name.rsplit('.', 1)[-1] in EVAL_FREE_MODEL_FIELDS)
@@ -173,9 +176,15 @@ def restore_reader(config: ml_collections.ConfigDict, checkpoint_dir_or_workdir:
     if saved_model is not None and config.get('model') is not None:
       check_model_matches(saved_model, config.model, f'checkpoint {directory}/{saved.step}')
     model, data, tokenizer = build_reader(config, saved.config)
-    abstract = jax.eval_shape(lambda rng: init_params(model, rng), jax.random.PRNGKey(0))
-    step, params = ckpt.restore_params_only(abstract, step=saved.step)
-  return model, params, data, tokenizer, int(step)
+    step, params = ckpt.restore_params_only(stored_abstract_params(model), step=saved.step)
+  return model, model.load_params(params), data, tokenizer, int(step)
+
+
+def stored_abstract_params(model: FiDFunctions):
+  """The shapes of the float32 tree a checkpoint holds for `model`; `model.load_params` converts
+  it to the decoder weight format `model` reads (config.model.decoder_weights)."""
+  stored_model = make_model(stored_config(model.config))
+  return jax.eval_shape(lambda rng: init_params(stored_model, rng), jax.random.PRNGKey(0))
 
 
 class _CheckpointEvaluator:
@@ -212,7 +221,8 @@ class _CheckpointEvaluator:
     self.records = records
     self.lengths = dict(n_passages=data['n_passages'], passage_len=data['passage_len'],
                         target_len=data['target_len'])
-    abstract = jax.eval_shape(lambda rng: init_params(self.model, rng), jax.random.PRNGKey(0))
+    # The float32 tree the checkpoint holds, restored onto the mesh of config.sharding.
+    abstract = stored_abstract_params(self.model)
     layout = self.config.get('sharding', sharding.default_config())
     shardings = sharding.param_shardings(abstract, sharding.make_mesh(dict(layout.mesh)),
                                          fsdp=layout.get('fsdp', False))
@@ -240,6 +250,7 @@ class _CheckpointEvaluator:
       step, params = ckpt.restore_params_only(self.abstract_params, step=saved.step)
     finally:
       ckpt.close()
+    params = self.model.load_params(params)
     _LOG.info('evaluating %s on %s (%d records)', where, self.split, len(self.records))
     max_len = self.eval.max_decode_len or None
     metrics, predictions = evaluate_records(

@@ -52,7 +52,7 @@ from fido import optim
 from fido import sharding
 from fido import start as start_lib
 from fido import train_step as train_step_lib
-from fido.config import ConfigError
+from fido.config import ConfigError, decoder_weights
 from fido.data import features
 from fido.data.sources import resolve_data
 from fido.data.stream import (DataStream, StageProgress, make_train_loader, read_fid_records,
@@ -159,6 +159,10 @@ def run_train(config: ml_collections.ConfigDict, workdir: str, *, overwrite: boo
   if config.train.task not in TASKS:
     raise ConfigError(f'config.train.task={config.train.task!r}; expected one of {TASKS}')
   train_step_lib.validate_train_config(config.train)
+  if decoder_weights(config.model) != 'float32':
+    raise ConfigError(f'config.model.decoder_weights={decoder_weights(config.model)!r}: training '
+                      'keeps float32 weights; bfloat16 or int8 decoder weights are for inference '
+                      '(--mode=eval, --mode=bench), made from the float32 checkpoint')
   validate_curriculum(config)
   start_lib.validate_mha_steps(config)
   prepare_workdir(config, workdir, overwrite)

@@ -16,6 +16,7 @@ from fido.files import atomic_write
 def _comparable(config: ml_collections.ConfigDict) -> dict:
   """The parts of a config that define a run (not its length, logging or evaluation)."""
   d = config.to_dict()
+  d.get('model', {}).pop('decoder_weights', None)  # inference only (training refuses all but float32)
   for section, fields in (('train', ('steps', 'log_every', 'eval_every', 'eval_examples',
                                      'progress', 'checkpoint_every', 'final_eval_split')),
                           ('eval', None), ('bench', None), ('data_bench', None), ('retrieve', None),

@@ -7,8 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fido import analysis, bench
+from fido import analysis, bench, bench_reference, bench_step, convert
 from fido.config import cross_attention_layers, load_config_file
+from fido.model import weights
 from fido.model.fid import make_model
 
 
@@ -69,9 +70,12 @@ def test_decoder_step_matrices_are_every_weight_a_decode_step_reads():
                + 3 * dec.d_model * dec.d_ff)
   expected = (dec.num_layers * per_layer + cross * 2 * dec.d_model * heads
               + dec.d_model * config.model.vocab_size)
-  assert sum(m.size for m in matrices) == expected
-  assert matrices[-1].shape == (dec.d_model, config.model.vocab_size)
-  assert {m.shape[0] for m in matrices} == {dec.d_model, heads, dec.d_ff}
+  assert sum(m.w.size for m in matrices) == expected
+  assert matrices[-1].w.shape == (dec.d_model, config.model.vocab_size)
+  assert {m.w.shape[0] for m in matrices} == {dec.d_model, heads, dec.d_ff}
+  int8 = bench.decoder_step_matrices(weights.convert_params(params, 'int8'))
+  assert [(m.w.shape, m.scale.shape) for m in int8] == [(m.w.shape, m.w.shape[1:]) for m in matrices]
+  assert weights.step_bytes(params) == 4 * expected  # what fido.bench_step counts a step reading
 
 
 def test_weights_only_decode_chains_steps_through_the_output_layer():
@@ -100,3 +104,42 @@ def test_bench_weights_only_reports_the_decoder_over_its_matmul_floor():
   assert result['weights_only_ms'] > 0
   low, median, high = result['decoder_over_weights_only']
   assert 0 < low <= median <= high
+
+
+def test_bench_against_ctranslate2_times_decode_steps_of_the_same_weights():
+  config = load_config_file('experiments/fid.py:tiny,smoke')
+  config.bench.update(repeats=2, warmup=0, reference='ct2', weight_formats=('float32', 'int8'))
+  results = list(bench.run_bench(config))
+  by_name = {r['name']: r for r in results}
+  assert list(by_name) == ['fido fid-tiny float32', 'fido fid-tiny int8',
+                           'ctranslate2 tiny float32', 'ctranslate2 tiny int8']
+  # Converted from our weights: CTranslate2 decodes our float32 decoder's tokens.
+  assert by_name['ctranslate2 tiny float32']['tokens_agree_with_fido'] == 1.0
+  ours, int8 = by_name['fido fid-tiny float32'], by_name['fido fid-tiny int8']
+  assert by_name['ctranslate2 tiny float32']['step_mb'] == ours['step_mb']
+  assert int8['step_weights_mb'] < ours['step_weights_mb'] / 3
+  for result in results:
+    assert result['bound_ms'] == pytest.approx(
+        result['step_mb'] / result['bandwidth_gb_per_s'], rel=0.05, abs=0.01)
+    for reference in ('float32', 'int8'):
+      low, median, high = result[f'ctranslate2_{reference}_over_this']
+      assert low <= median <= high
+
+
+def test_decode_step_is_the_difference_of_two_loops_and_reads_weights_and_caches():
+  assert bench_step.step_seconds([1.0, 3.0], [0.4, 1.0], steps=2) == [0.3, 1.0]
+  config = load_config_file('experiments/fido.py:tiny,smoke').model
+  dec = config.decoder
+  counts = bench_step.step_bytes(config, {}, batch=2, n_encoder_tokens=48, max_length=4)
+  cross = len(cross_attention_layers(dec)) * 2 * 2 * 48 * dec.cross_num_kv_heads * dec.d_kv
+  self_ = dec.num_layers * 2 * 2 * 4 * dec.num_kv_heads * dec.d_kv
+  assert counts == dict(weights=0, caches=4 * (cross + self_), total=4 * (cross + self_))
+
+
+def test_ctranslate2_runs_the_fid_of_a_fido_models_encoder_size():
+  fido_model = load_config_file('experiments/fido.py:tiny,smoke').model
+  twin = bench_reference.fid_twin(fido_model)
+  assert convert.hf_config_from_fid(twin)['num_layers'] == fido_model.encoder.num_layers
+  assert twin.decoder.d_model == fido_model.encoder.d_model
+  fid_model = load_config_file('experiments/fid.py:tiny,smoke').model
+  assert bench_reference.fid_twin(fid_model) is fid_model

@@ -287,3 +287,17 @@ def test_eval_checkpoint_field_is_deprecated_for_workdir(tmp_path, config):
   # Without a --workdir flag (run.py's default), the old field is still honoured.
   with pytest.raises(CheckpointError, match='old-run'):
     eval_checkpoint.run_eval(old, 'workdirs/embedded-fido', default_workdir=True)
+
+
+def test_checkpoint_eval_converts_float32_checkpoints_to_int8_decoder_weights(tmp_path, config,
+                                                                             model):
+  workdir = str(tmp_path / 'work')
+  _save(os.path.join(workdir, 'checkpoints'), 3, _params(model, 0), config)
+  int8 = ml_collections.ConfigDict(config.to_dict())
+  int8.model.decoder_weights = 'int8'  # an eval-time choice: the checkpoint says float32
+  reader, params, _, _, step = eval_checkpoint.restore_reader(int8, workdir)
+  assert step == 3 and reader.config.decoder_weights == 'int8'
+  mlp = params['decoder/~/layer_00/~/mlp']
+  assert mlp['wi_0'].dtype == jnp.int8 and mlp['wi_0_scale'].dtype == jnp.float32
+  metrics = eval_checkpoint.evaluate_checkpoint(int8, workdir, split_path='dev', out_dir='')
+  assert metrics['step'] == 3 and metrics['count'] > 0

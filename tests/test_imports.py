@@ -17,6 +17,8 @@ MODEL_MAY_IMPORT = ('fido', 'fido.config', 'fido.errors')  # the package, the co
 ALLOWED_LOCAL = {
     ('fido.bench_reference', 'torch'),          # bench-only reference (requirements-test.txt)
     ('fido.bench_reference', 'transformers'),   # bench-only reference (requirements-test.txt)
+    ('fido.bench_reference', 'ctranslate2'),    # bench-only reference (requirements-test.txt)
+    ('fido.bench_reference', 'ctranslate2.converters'),  # its T5 converter (as ctranslate2)
 }
 
 

@@ -23,6 +23,7 @@ import jmp
 
 from fido.model import kv_heads
 from fido.model.layers import dropout
+from fido.model.weights import get_matrix, matmul
 
 
 def _grouped(bias_BxHxTxS: jax.Array, num_kv_heads: int) -> jax.Array:
@@ -37,8 +38,13 @@ class Attention(hk.Module):
   """Dot-product attention whose query heads share K key/value heads (no logit scaling, as T5)."""
 
   def __init__(self, d_model: int, num_heads: int, num_kv_heads: int, d_kv: int,
-               dropout_rate: float, policy: jmp.Policy, name: str):
+               dropout_rate: float, policy: jmp.Policy, name: str, weights: str = 'float32',
+               kv_weights: str | None = None):
+    """`weights`: the storage of query/output (fido.model.weights); `kv_weights`: of key/value
+    (default: `weights`; cross-attention keeps its once-per-sequence projections float32)."""
     super().__init__(name=name)
+    self.weights = weights
+    self.kv_weights = weights if kv_weights is None else kv_weights
     assert num_heads % num_kv_heads == 0, (num_heads, num_kv_heads)
     self.d_model = d_model  # the width of the residual stream this attention writes into
     self.num_heads = num_heads
@@ -47,28 +53,25 @@ class Attention(hk.Module):
     self.dropout_rate = dropout_rate
     self.policy = policy
 
-  def _kv_param(self, name: str, d_in: int) -> jax.Array:
-    """A key or value projection as [D, K, E], stored in fido.model.kv_heads' layout."""
-    shape = kv_heads.kv_shape(d_in, self.num_kv_heads, self.d_kv)
-    w = hk.get_parameter(name, shape, jnp.float32, init=hk.initializers.RandomNormal(d_in**-0.5))
-    return w.reshape(d_in, self.num_kv_heads, self.d_kv)
+  def _kv_projection(self, name: str, x_BxSxD: jax.Array) -> jax.Array:
+    """x @ the key or value projection (stored in fido.model.kv_heads' layout) -> [B, S, K, E]."""
+    b, length, d_in = x_BxSxD.shape
+    w = get_matrix(name, kv_heads.kv_shape(d_in, self.num_kv_heads, self.d_kv),
+                   hk.initializers.RandomNormal(d_in**-0.5), self.kv_weights)
+    return matmul(x_BxSxD, w, self.policy).reshape(b, length, self.num_kv_heads, self.d_kv)
 
   def project_kv(self, x_BxSxD: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Keys [B, K, E, S] and values [B, K, S, E] of `x` (the encoder output for cross-attention)."""
-    b, length, d_in = x_BxSxD.shape
-    kv = self.num_kv_heads * self.d_kv
-    w_k, w_v = self.policy.cast_to_compute((self._kv_param('key', d_in), self._kv_param('value', d_in)))
-    k_BxSxKxE = (x_BxSxD @ w_k.reshape(d_in, kv)).reshape(b, length, self.num_kv_heads, self.d_kv)
-    v_BxSxKxE = (x_BxSxD @ w_v.reshape(d_in, kv)).reshape(b, length, self.num_kv_heads, self.d_kv)
+    k_BxSxKxE = self._kv_projection('key', x_BxSxD)
+    v_BxSxKxE = self._kv_projection('value', x_BxSxD)
     return k_BxSxKxE.transpose(0, 2, 3, 1), v_BxSxKxE.transpose(0, 2, 1, 3)
 
   def project_query(self, x_BxTxD: jax.Array) -> jax.Array:
     """Queries [B, K, G, T, E], grouped by the key/value head they share."""
     b, t, d_in = x_BxTxD.shape
-    w_q = hk.get_parameter('query', [d_in, self.num_heads, self.d_kv], jnp.float32,
-                           init=hk.initializers.RandomNormal((d_in * self.d_kv)**-0.5))
-    w_q_DxHE = self.policy.cast_to_compute(w_q).reshape(d_in, self.num_heads * self.d_kv)
-    q = (x_BxTxD @ w_q_DxHE).reshape(b, t, self.num_kv_heads, self.num_heads // self.num_kv_heads,
+    w_q_DxHE = get_matrix('query', [d_in, self.num_heads, self.d_kv],
+                          hk.initializers.RandomNormal((d_in * self.d_kv)**-0.5), self.weights)
+    q = matmul(x_BxTxD, w_q_DxHE, self.policy).reshape(b, t, self.num_kv_heads, self.num_heads // self.num_kv_heads,
                                      self.d_kv)
     return q.transpose(0, 2, 3, 1, 4)
 
@@ -85,8 +88,8 @@ class Attention(hk.Module):
     probs_BxKxGxTxS = jax.nn.softmax(logits_BxKxGxTxS + _grouped(bias, k), axis=-1)
     weights = dropout(probs_BxKxGxTxS, self.dropout_rate, is_training).astype(v_BxKxSxE.dtype)
     out_BxKxGxTxE = jnp.einsum('bkgts,bkse->bkgte', weights, v_BxKxSxE)
-    w_o = hk.get_parameter('output', [k * g, e, self.d_model], jnp.float32,
-                           init=hk.initializers.RandomNormal((k * g * e)**-0.5))
-    w_o_HExD = self.policy.cast_to_compute(w_o).reshape(k * g * e, self.d_model)
-    out_BxTxD = out_BxKxGxTxE.transpose(0, 3, 1, 2, 4).reshape(b, t, k * g * e) @ w_o_HExD
+    w_o_HExD = get_matrix('output', [k * g, e, self.d_model],
+                          hk.initializers.RandomNormal((k * g * e)**-0.5), self.weights)
+    out_BxTxD = matmul(out_BxKxGxTxE.transpose(0, 3, 1, 2, 4).reshape(b, t, k * g * e), w_o_HExD,
+                       self.policy)
     return (out_BxTxD, probs_BxKxGxTxS) if return_weights else out_BxTxD

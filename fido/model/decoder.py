@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import jmp
 import ml_collections
 
-from fido.config import cross_attention_layers
+from fido.config import cross_attention_layers, decoder_weights
 from fido.model.attention import Attention
 from fido.model.layers import GatedGeluMLP, RelativePositionBias, RMSNorm, dropout, large_negative
 
@@ -48,17 +48,19 @@ class DecoderLayer(hk.Module):
                policy: jmp.Policy, name: str):
     super().__init__(name=name)
     dec, eps, rate = config.decoder, config.layer_norm_epsilon, config.dropout_rate
+    weights = decoder_weights(config)  # the decode step's matrices (fido.model.weights)
     self.dropout_rate = rate
     self.has_cross_attention = has_cross_attention
     self.self_attention_norm = RMSNorm(eps, policy, name='self_attention_norm')
     self.self_attention = Attention(dec.d_model, dec.num_heads, dec.num_kv_heads, dec.d_kv, rate,
-                                    policy, name='self_attention')
+                                    policy, name='self_attention', weights=weights)
     if has_cross_attention:
       self.cross_attention_norm = RMSNorm(eps, policy, name='cross_attention_norm')
       self.cross_attention = Attention(dec.d_model, dec.num_heads, dec.cross_num_kv_heads,
-                                       dec.d_kv, rate, policy, name='cross_attention')
+                                       dec.d_kv, rate, policy, name='cross_attention',
+                                       weights=weights, kv_weights='float32')
     self.mlp_norm = RMSNorm(eps, policy, name='mlp_norm')
-    self.mlp = GatedGeluMLP(dec.d_ff, rate, policy, name='mlp')
+    self.mlp = GatedGeluMLP(dec.d_ff, rate, policy, name='mlp', weights=weights)
 
   def project_cross_kv(self, enc_BxSxDenc: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Cross-attention keys [B, C, E, S] and values [B, C, S, E]; projections map D_enc -> C * E."""

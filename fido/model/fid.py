@@ -11,7 +11,10 @@ T target length, D width, V vocabulary.
   decode_step(params, token_ids [B], cache) -> (logits [B, V], cache)
   decode_step(params, token_ids, cache, with_cross_attention=True) -> (logits, cache, cross [B, S]):
       also the cross-attention probabilities averaged over heads and cross-attending layers
-Logits are float32 whatever the compute dtype.
+  load_params(float32 params) -> params: a checkpoint's tree as these functions read it
+Logits are float32 whatever the compute dtype. With `config.decoder_weights` other than 'float32'
+(inference only), the functions read the decode step's matrices in that format (fido.model.weights):
+`load_params` converts a float32 tree, and `init` returns a converted one.
 """
 
 from typing import Callable, NamedTuple
@@ -22,10 +25,12 @@ import jax.numpy as jnp
 import jmp
 import ml_collections
 
-from fido.config import shares_embedding, validate_model_config
+from fido.config import decoder_weights, shares_embedding, validate_model_config
+from fido.model import weights
 from fido.model.decoder import Decoder, DecoderCache
 from fido.model.encoder import Encoder
 from fido.model.layers import Embed
+from fido.model.weights import get_matrix, matmul
 
 
 def make_policy(dtype: str) -> jmp.Policy:
@@ -43,17 +48,18 @@ def shift_right(target_ids_BxT: jax.Array, start_id: int = 0) -> jax.Array:
 class OutputProjection(hk.Module):
   """Untied output layer [D, V]: no d_model**-0.5 rescaling of the logits (T5.1.1)."""
 
-  def __init__(self, vocab_size: int, policy: jmp.Policy, name: str = 'output_projection'):
+  def __init__(self, vocab_size: int, policy: jmp.Policy, name: str = 'output_projection',
+               weights: str = 'float32'):
     super().__init__(name=name)
     self.vocab_size = vocab_size
     self.policy = policy
+    self.weights = weights
 
   def __call__(self, hidden_BxTxD: jax.Array) -> jax.Array:
     d_model = hidden_BxTxD.shape[-1]
-    w_DxV = hk.get_parameter('w', [d_model, self.vocab_size], jnp.float32,
-                             init=hk.initializers.RandomNormal(d_model**-0.5))
-    logits = jnp.einsum('btd,dv->btv', hidden_BxTxD, self.policy.cast_to_compute(w_DxV),
-                        preferred_element_type=jnp.float32)
+    w_DxV = get_matrix('w', [d_model, self.vocab_size],
+                       hk.initializers.RandomNormal(d_model**-0.5), self.weights)
+    logits = matmul(hidden_BxTxD, w_DxV, self.policy, out_dtype=jnp.float32)
     return self.policy.cast_to_output(logits)
 
 
@@ -73,7 +79,8 @@ class FiD:
                                      name='decoder_embedding')
     self.encoder = Encoder(config, policy, name='encoder')
     self.decoder = Decoder(config, policy, name='decoder')
-    self.output_projection = OutputProjection(config.vocab_size, policy, name='output_projection')
+    self.output_projection = OutputProjection(config.vocab_size, policy, name='output_projection',
+                                              weights=decoder_weights(config))
 
   def encode(self, passage_ids_BxPxL: jax.Array, passage_mask_BxPxL: jax.Array, *,
              is_training: bool = False) -> tuple[jax.Array, jax.Array]:
@@ -116,6 +123,14 @@ class FiDFunctions(NamedTuple):
   init_cache: Callable
   decode_step: Callable
   config: ml_collections.ConfigDict
+  load_params: Callable
+
+
+def stored_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The model config of the float32 tree that checkpoints and training hold for `config`."""
+  stored = ml_collections.ConfigDict(config.to_dict())
+  stored.decoder_weights = 'float32'
+  return stored
 
 
 def make_model(config: ml_collections.ConfigDict) -> FiDFunctions:
@@ -148,7 +163,16 @@ def make_model(config: ml_collections.ConfigDict) -> FiDFunctions:
     return decode_step_fn(params, None, token_ids, cache,
                           with_cross_attention=with_cross_attention)
 
-  return FiDFunctions(transformed.init, forward, encode, init_cache, decode_step, config)
+  weight_format = decoder_weights(config)
+  init = transformed.init
+  if weight_format != 'float32':
+    float_init = make_model(stored_config(config)).init
+    init = lambda *args, **kwargs: weights.convert_params(float_init(*args, **kwargs), weight_format)
+
+  def load_params(params):
+    return params if weight_format == 'float32' else weights.convert_params(params, weight_format)
+
+  return FiDFunctions(init, forward, encode, init_cache, decode_step, config, load_params)
 
 
 def init_params(model: FiDFunctions, rng: jax.Array, batch_size: int = 1, n_passages: int = 1,

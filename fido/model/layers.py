@@ -12,6 +12,8 @@ import jax.numpy as jnp
 import jmp
 import numpy as np
 
+from fido.model.weights import get_matrix, matmul
+
 
 class RMSNorm(hk.Module):
   """T5 layer norm: scale only, no mean subtraction, no bias; statistics in float32."""
@@ -31,8 +33,10 @@ class RMSNorm(hk.Module):
 class GatedGeluMLP(hk.Module):
   """T5.1.1 feed-forward: wo(gelu(x wi_0) * (x wi_1)), tanh-approximated GELU, no biases."""
 
-  def __init__(self, d_ff: int, dropout_rate: float, policy: jmp.Policy, name: str):
+  def __init__(self, d_ff: int, dropout_rate: float, policy: jmp.Policy, name: str,
+               weights: str = 'float32'):
     super().__init__(name=name)
+    self.weights = weights  # storage of wi_0/wi_1/wo (fido.model.weights)
     self.d_ff = d_ff
     self.dropout_rate = dropout_rate
     self.policy = policy
@@ -40,14 +44,14 @@ class GatedGeluMLP(hk.Module):
   def __call__(self, x_BxTxD: jax.Array, *, is_training: bool) -> jax.Array:
     d_model = x_BxTxD.shape[-1]
     in_init = hk.initializers.RandomNormal(d_model**-0.5)
-    wi_0_DxF = hk.get_parameter('wi_0', [d_model, self.d_ff], jnp.float32, init=in_init)
-    wi_1_DxF = hk.get_parameter('wi_1', [d_model, self.d_ff], jnp.float32, init=in_init)
-    wo_FxD = hk.get_parameter('wo', [self.d_ff, d_model], jnp.float32,
-                              init=hk.initializers.RandomNormal(self.d_ff**-0.5))
-    wi_0_DxF, wi_1_DxF, wo_FxD = self.policy.cast_to_compute((wi_0_DxF, wi_1_DxF, wo_FxD))
-    gate_BxTxF = jax.nn.gelu(x_BxTxD @ wi_0_DxF, approximate=True)
-    h_BxTxF = dropout(gate_BxTxF * (x_BxTxD @ wi_1_DxF), self.dropout_rate, is_training)
-    return h_BxTxF @ wo_FxD
+    wi_0_DxF = get_matrix('wi_0', [d_model, self.d_ff], in_init, self.weights)
+    wi_1_DxF = get_matrix('wi_1', [d_model, self.d_ff], in_init, self.weights)
+    wo_FxD = get_matrix('wo', [self.d_ff, d_model], hk.initializers.RandomNormal(self.d_ff**-0.5),
+                        self.weights)
+    gate_BxTxF = jax.nn.gelu(matmul(x_BxTxD, wi_0_DxF, self.policy), approximate=True)
+    h_BxTxF = dropout(gate_BxTxF * matmul(x_BxTxD, wi_1_DxF, self.policy), self.dropout_rate,
+                      is_training)
+    return matmul(h_BxTxF, wo_FxD, self.policy)
 
 
 def dropout(x: jax.Array, rate: float, is_training: bool) -> jax.Array:
