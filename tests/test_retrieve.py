@@ -64,8 +64,13 @@ def test_corpus_formats(tmp_path):
     ('blank.txt', '\n\n', ['blank.txt', 'no passages']),
 ])
 def test_malformed_corpus_names_file_and_line(tmp_path, name, text, culprits):
+  _assert_data_error(read_corpus, _write(tmp_path, name, text), culprits)
+
+
+def _assert_data_error(reader, path, culprits):
+  """`reader(path)` raises DataError, its message naming every culprit (file, line, field)."""
   with pytest.raises(DataError) as e:
-    read_corpus(_write(tmp_path, name, text))
+    reader(path)
   for culprit in culprits:
     assert culprit in str(e.value), (culprit, str(e.value))
 
@@ -101,10 +106,7 @@ def test_question_formats(tmp_path):
     ('answers.jsonl', '{"question": "q", "answers": "a"}\n', ['answers.jsonl', "'answers'"]),
 ])
 def test_malformed_questions_name_file_and_line(tmp_path, name, text, culprits):
-  with pytest.raises(DataError) as e:
-    read_questions(_write(tmp_path, name, text))
-  for culprit in culprits:
-    assert culprit in str(e.value), (culprit, str(e.value))
+  _assert_data_error(read_questions, _write(tmp_path, name, text), culprits)
 
 
 # ----------------------------------------------------------------------------------- index
