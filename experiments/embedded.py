@@ -40,10 +40,10 @@ def get_config(arg: str | None = None):
   config.model.encoder.update(size='custom', num_heads=8, num_kv_heads=8, d_kv=8, num_layers=3,
                               position_bias_init_std=4.0)
 
-  # Passages are one fact ("question: .. title: .. context: .."), at most 19 tokens + EOS; the
-  # late variant's two filler sentences before it need 40. Answers are two tokens + EOS.
+  # Passages are one fact ("question: .. title: .. context: .."), at most 27 tokens + EOS; the
+  # late variant's two filler sentences before it need 48. Answers are two tokens + EOS.
   config.data.update(source='synthetic', dir='data/generated/synthetic', n_passages=10,
-                     passage_len=40 if arg.late else 20, target_len=4)
+                     passage_len=48 if arg.late else 28, target_len=4)
   config.data.synthetic.update(n_train=24_000, vocab_size=VOCAB_PIECES,
                                answer_position='late' if arg.late else 'early')
   if arg.late:

@@ -40,27 +40,22 @@ import numpy as np
 from fido.data import tokenizer as tokenizer_lib
 from fido.files import atomic_write
 
-FORMAT_VERSION = 7
+FORMAT_VERSION = 6
 ANSWER_POSITIONS = ("early", "late")
 SPLITS = ("train", "dev", "test")
 MAX_CORPUS_DOCUMENTS = 5000
 MAX_ATTRIBUTES_PER_RECORD = 3
 
-# (attribute, question template, fact template); {e} = entity, {v} = value. A passage is
-# "question: <attribute> of <entity>? title: <entity> context: <fact>" (FiD's format), the
-# passage's entity in its title only, as in Wikipedia. Every question has the same shape and every
-# attribute is one token, so the question's entity lies at a fixed distance before the title's:
-# the entity match is then a comparison at one relative position (what T5's position bias
-# learns readily), and passages are at most 19 tokens.
+# (attribute, question template, fact template); {e} = entity, {v} = value.
 ATTRIBUTES = (
-    ("capital", "capital of {e}?", "Its capital is {v}."),
-    ("founder", "founder of {e}?", "Its founder was {v}."),
-    ("river", "river of {e}?", "Its river is {v}."),
-    ("language", "language of {e}?", "Its people speak {v}."),
-    ("festival", "festival of {e}?", "Its festival is {v}."),
-    ("export", "export of {e}?", "It exports {v}."),
-    ("mountain", "mountain of {e}?", "Its peak is {v}."),
-    ("currency", "currency of {e}?", "Traders there pay {v}."),
+    ("capital", "What is the capital of {e}?", "The capital of {e} is {v}."),
+    ("founder", "Who founded {e}?", "{e} was founded by {v}."),
+    ("river", "Which river flows through {e}?", "The river {v} flows through {e}."),
+    ("language", "What language is spoken in {e}?", "Most people in {e} speak {v}."),
+    ("festival", "Which festival is held in {e}?", "Each spring {e} holds the {v} festival."),
+    ("export", "What is the main export of {e}?", "The main export of {e} is {v}."),
+    ("mountain", "What is the highest mountain in {e}?", "The highest peak in {e} is {v}."),
+    ("currency", "What currency is used in {e}?", "Traders in {e} pay with the {v}."),
 )
 FILLERS = (
     "{e} lies in a quiet valley.", "Visitors often call {e} a friendly place.",
