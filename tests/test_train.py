@@ -215,6 +215,18 @@ def test_divergence_monitor_detects_sustained_spikes_not_one_hard_batch():
   assert np.mean(monitor.recent) < 2.2  # spikes stay out of the running mean
 
 
+def test_divergence_monitor_ignores_small_absolute_rises_near_convergence():
+  """Three batches at 0.22 against a running mean of 0.04 are noise, not a divergence."""
+  converged = (0.04, 0.05, 0.03, 0.04)
+  ratio_only = train.DivergenceMonitor(spike_factor=5.0, window=4, patience=3)
+  floored = train.DivergenceMonitor(spike_factor=5.0, window=4, patience=3, min_increase=1.0)
+  for monitor in (ratio_only, floored):
+    assert not any(monitor.diverged(loss, True) for loss in converged)
+  assert [ratio_only.diverged(0.22, True) for _ in range(3)][-1] is not None
+  assert not any(floored.diverged(0.22, True) for _ in range(5))
+  assert [floored.diverged(1.5, True) for _ in range(3)][-1] is not None  # 1.5 > 0.04 + 1.0
+
+
 def test_finetune_from_pretraining_carries_second_moments(data_dir, tmp_path):
   pre = smoke_config(data_dir, task='pretrain', steps=3, checkpoint_every=3)
   pre.data.inputs_length = 32
