@@ -94,14 +94,17 @@ def decoder_step_matrices(params) -> list[weights.Matrix]:
 
   Per decoder layer: self-attention query/key/value/output, cross-attention query/output (its
   key/value projections run once per sequence, in init_cache) and the MLP's wi_0/wi_1/wo; as stored
-  (fido.model.weights: float32, bfloat16, or int8 with its per-column scale).
+  (fido.model.weights: float32, bfloat16, or int8 with its per-column scale; converted trees hold
+  query|key|value and wi_0|wi_1 fused, as one matrix each).
   """
   matrices = []
   for module in sorted(params):
     kind = module.split('/')[-1]
     if module.split('/')[0] != 'decoder' or kind not in _STEP_MODULES:
       continue
-    for name in weights.STEP_MATRICES[kind]:
+    for name in weights.step_matrix_names(module):
+      if name not in params[module]:
+        continue
       w, scale = params[module][name], params[module].get(name + weights.SCALE_SUFFIX)
       n_in = weights.input_axes(name)
       d_in = int(np.prod(w.shape[:n_in]))

@@ -298,6 +298,6 @@ def test_checkpoint_eval_converts_float32_checkpoints_to_int8_decoder_weights(tm
   reader, params, _, _, step = eval_checkpoint.restore_reader(int8, workdir)
   assert step == 3 and reader.config.decoder_weights == 'int8'
   mlp = params['decoder/~/layer_00/~/mlp']
-  assert mlp['wi_0'].dtype == jnp.int8 and mlp['wi_0_scale'].dtype == jnp.float32
+  assert mlp['wi'].dtype == jnp.int8 and mlp['wi_scale'].dtype == jnp.float32  # wi_0|wi_1 fused
   metrics = eval_checkpoint.evaluate_checkpoint(int8, workdir, split_path='dev', out_dir='')
   assert metrics['step'] == 3 and metrics['count'] > 0

@@ -23,7 +23,7 @@ import jmp
 
 from fido.model import kv_heads
 from fido.model.layers import dropout
-from fido.model.weights import get_matrix, matmul
+from fido.model.weights import fuses, get_matrix, matmul
 
 
 def _grouped(bias_BxHxTxS: jax.Array, num_kv_heads: int) -> jax.Array:
@@ -54,26 +54,50 @@ class Attention(hk.Module):
     self.policy = policy
 
   def _kv_projection(self, name: str, x_BxSxD: jax.Array) -> jax.Array:
-    """x @ the key or value projection (stored in fido.model.kv_heads' layout) -> [B, S, K, E]."""
-    b, length, d_in = x_BxSxD.shape
-    w = get_matrix(name, kv_heads.kv_shape(d_in, self.num_kv_heads, self.d_kv),
-                   hk.initializers.RandomNormal(d_in**-0.5), self.kv_weights)
-    return matmul(x_BxSxD, w, self.policy).reshape(b, length, self.num_kv_heads, self.d_kv)
+    """x @ the key or value projection (stored in fido.model.kv_heads' layout) -> [B, S, K * E]."""
+    w = get_matrix(name, kv_heads.kv_shape(x_BxSxD.shape[-1], self.num_kv_heads, self.d_kv),
+                   hk.initializers.RandomNormal(x_BxSxD.shape[-1]**-0.5), self.kv_weights)
+    return matmul(x_BxSxD, w, self.policy)
+
+  def _kv_heads(self, k_BxSxKE: jax.Array, v_BxSxKE: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Projected keys and values [B, S, K * E] -> keys [B, K, E, S] and values [B, K, S, E]."""
+    b, length, _ = k_BxSxKE.shape
+    k_BxSxKxE = k_BxSxKE.reshape(b, length, self.num_kv_heads, self.d_kv)
+    v_BxSxKxE = v_BxSxKE.reshape(b, length, self.num_kv_heads, self.d_kv)
+    return k_BxSxKxE.transpose(0, 2, 3, 1), v_BxSxKxE.transpose(0, 2, 1, 3)
+
+  def _query_heads(self, q_BxTxHE: jax.Array) -> jax.Array:
+    """Projected queries [B, T, H * E] -> [B, K, G, T, E], grouped by the key/value head they share."""
+    b, t, _ = q_BxTxHE.shape
+    k = self.num_kv_heads
+    return q_BxTxHE.reshape(b, t, k, self.num_heads // k, self.d_kv).transpose(0, 2, 3, 1, 4)
 
   def project_kv(self, x_BxSxD: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Keys [B, K, E, S] and values [B, K, S, E] of `x` (the encoder output for cross-attention)."""
-    k_BxSxKxE = self._kv_projection('key', x_BxSxD)
-    v_BxSxKxE = self._kv_projection('value', x_BxSxD)
-    return k_BxSxKxE.transpose(0, 2, 3, 1), v_BxSxKxE.transpose(0, 2, 1, 3)
+    return self._kv_heads(self._kv_projection('key', x_BxSxD), self._kv_projection('value', x_BxSxD))
 
   def project_query(self, x_BxTxD: jax.Array) -> jax.Array:
     """Queries [B, K, G, T, E], grouped by the key/value head they share."""
-    b, t, d_in = x_BxTxD.shape
+    d_in = x_BxTxD.shape[-1]
     w_q_DxHE = get_matrix('query', [d_in, self.num_heads, self.d_kv],
                           hk.initializers.RandomNormal((d_in * self.d_kv)**-0.5), self.weights)
-    q = matmul(x_BxTxD, w_q_DxHE, self.policy).reshape(b, t, self.num_kv_heads, self.num_heads // self.num_kv_heads,
-                                     self.d_kv)
-    return q.transpose(0, 2, 3, 1, 4)
+    return self._query_heads(matmul(x_BxTxD, w_q_DxHE, self.policy))
+
+  def project_qkv(self, x_BxTxD: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Self-attention's queries [B, K, G, T, E], keys [B, K, E, T] and values [B, K, T, E] of `x`.
+
+    Converted weights (fido.model.weights.fuses) hold query|key|value as one matrix `qkv`
+    [D, (H + 2K) * E]: one matmul, split along its output.
+    """
+    if not fuses(self.weights):
+      k_BxKxExT, v_BxKxTxE = self.project_kv(x_BxTxD)
+      return self.project_query(x_BxTxD), k_BxKxExT, v_BxKxTxE
+    assert self.kv_weights == self.weights, (self.kv_weights, self.weights)
+    h_e, k_e = self.num_heads * self.d_kv, self.num_kv_heads * self.d_kv
+    w_qkv = get_matrix('qkv', [x_BxTxD.shape[-1], h_e + 2 * k_e], None, self.weights)
+    q_BxTxHE, k_BxTxKE, v_BxTxKE = jnp.split(matmul(x_BxTxD, w_qkv, self.policy),
+                                             [h_e, h_e + k_e], axis=-1)
+    return self._query_heads(q_BxTxHE), *self._kv_heads(k_BxTxKE, v_BxTxKE)
 
   def attend(self, q_BxKxGxTxE: jax.Array, k_BxKxExS: jax.Array, v_BxKxSxE: jax.Array,
              bias: jax.Array, *, is_training: bool, return_weights: bool = False):

@@ -78,15 +78,15 @@ class DecoderLayer(hk.Module):
     `with_cross_attention` and the layer cross-attends, else None).
     """
     h_BxTxD = self.self_attention_norm(x_BxTxD)
-    k_BxKxExT, v_BxKxTxE = self.self_attention.project_kv(h_BxTxD)
+    q_BxKxGxTxE, k_BxKxExT, v_BxKxTxE = self.self_attention.project_qkv(h_BxTxD)
     if self_cache is not None:
       k_cache, v_cache, position = self_cache
       k_BxKxExT = jax.lax.dynamic_update_slice_in_dim(k_cache, k_BxKxExT.astype(k_cache.dtype),
                                                       position, axis=3)
       v_BxKxTxE = jax.lax.dynamic_update_slice_in_dim(v_cache, v_BxKxTxE.astype(v_cache.dtype),
                                                       position, axis=2)
-    h_BxTxD = self.self_attention.attend(self.self_attention.project_query(h_BxTxD), k_BxKxExT,
-                                         v_BxKxTxE, self_bias, is_training=is_training)
+    h_BxTxD = self.self_attention.attend(q_BxKxGxTxE, k_BxKxExT, v_BxKxTxE, self_bias,
+                                         is_training=is_training)
     x_BxTxD = x_BxTxD + dropout(h_BxTxD, self.dropout_rate, is_training)
 
     cross_BxTxS = None

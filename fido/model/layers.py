@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import jmp
 import numpy as np
 
-from fido.model.weights import get_matrix, matmul
+from fido.model.weights import fuses, get_matrix, matmul
 
 
 class RMSNorm(hk.Module):
@@ -36,22 +36,31 @@ class GatedGeluMLP(hk.Module):
   def __init__(self, d_ff: int, dropout_rate: float, policy: jmp.Policy, name: str,
                weights: str = 'float32'):
     super().__init__(name=name)
-    self.weights = weights  # storage of wi_0/wi_1/wo (fido.model.weights)
+    self.weights = weights  # storage of wi_0/wi_1 (or wi, fused)/wo (fido.model.weights)
     self.d_ff = d_ff
     self.dropout_rate = dropout_rate
     self.policy = policy
 
   def __call__(self, x_BxTxD: jax.Array, *, is_training: bool) -> jax.Array:
+    gate_BxTxF, linear_BxTxF = self._wi(x_BxTxD)
+    h_BxTxF = dropout(jax.nn.gelu(gate_BxTxF, approximate=True) * linear_BxTxF, self.dropout_rate,
+                      is_training)
+    wo_FxD = get_matrix('wo', [self.d_ff, x_BxTxD.shape[-1]],
+                        hk.initializers.RandomNormal(self.d_ff**-0.5), self.weights)
+    return matmul(h_BxTxF, wo_FxD, self.policy)
+
+  def _wi(self, x_BxTxD: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(x wi_0, x wi_1), each [B, T, F]; converted weights (fido.model.weights.fuses) hold
+    wi_0|wi_1 as one matrix `wi` [D, 2F]: one matmul, split in halves."""
     d_model = x_BxTxD.shape[-1]
+    if fuses(self.weights):
+      wi_Dx2F = get_matrix('wi', [d_model, 2 * self.d_ff], None, self.weights)
+      gate_BxTxF, linear_BxTxF = jnp.split(matmul(x_BxTxD, wi_Dx2F, self.policy), 2, axis=-1)
+      return gate_BxTxF, linear_BxTxF
     in_init = hk.initializers.RandomNormal(d_model**-0.5)
     wi_0_DxF = get_matrix('wi_0', [d_model, self.d_ff], in_init, self.weights)
     wi_1_DxF = get_matrix('wi_1', [d_model, self.d_ff], in_init, self.weights)
-    wo_FxD = get_matrix('wo', [self.d_ff, d_model], hk.initializers.RandomNormal(self.d_ff**-0.5),
-                        self.weights)
-    gate_BxTxF = jax.nn.gelu(matmul(x_BxTxD, wi_0_DxF, self.policy), approximate=True)
-    h_BxTxF = dropout(gate_BxTxF * matmul(x_BxTxD, wi_1_DxF, self.policy), self.dropout_rate,
-                      is_training)
-    return matmul(h_BxTxF, wo_FxD, self.policy)
+    return matmul(x_BxTxD, wi_0_DxF, self.policy), matmul(x_BxTxD, wi_1_DxF, self.policy)
 
 
 def dropout(x: jax.Array, rate: float, is_training: bool) -> jax.Array:
