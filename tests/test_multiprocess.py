@@ -29,6 +29,12 @@ import orbax.checkpoint as ocp
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 4
+# The smoke model cut to 1 encoder and 2 decoder layers (one cross-attention layer): every
+# 2-process launch compiles from scratch in process 1 (JAX writes its persistent cache from
+# process 0 only, and on CPU the cache key holds the process's devices), so compile time is
+# most of this test's cost and it scales with the layers.
+MODEL = ('--config.model.encoder.num_layers=1', '--config.model.decoder.size=custom',
+         '--config.model.decoder.num_layers=2')
 
 
 def free_port() -> int:
@@ -51,7 +57,7 @@ def start(workdir, processes, *flags, log_dir, mode='train', tag='run'):
           f'--workdir={workdir}', f'--config.data.dir={log_dir}/data',
           '--config.train.progress=False', f'--config.train.steps={STEPS}',
           '--config.train.checkpoint_every=2',
-          '--config.train.eval_every=0', '--config.eval.progress=False', *flags]
+          '--config.train.eval_every=0', '--config.eval.progress=False', *MODEL, *flags]
   procs = []
   for i in range(processes):
     if processes > 1:
