@@ -51,7 +51,7 @@ def get_config(arg: str | None = None):
   # Passage curriculum (FiD trained on few passages before many): the gold passage alone teaches
   # copying the asked attribute's value; then the gold passage with the two highest-scored
   # (hardest) distractors, where the entity match is learnt: per step about as fast as on all 10
-  # passages and at a third of the cost (an example holds the distractors that share the entity
+  # passages and at a third of the CPU time (an example holds the distractors that share the entity
   # or the attribute; the rest share neither); then all 10 passages. With 2 passages (and 1400
   # steps on 10) the match came late, at a step that varied from seed to seed (README).
   config.data.curriculum.update(n_passages=(1, 3), steps=(300, 1800))
