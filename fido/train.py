@@ -96,7 +96,7 @@ class DivergenceMonitor:
   data iterator replays that same batch, so a one-step criterion rolls back again and again
   whatever the learning rate. A diverging run stays high; spikes are kept out of the running mean.
   Near convergence a ratio alone misfires: three batches at 0.22 nats against a mean of 0.04 rolled
-  embedded runs back (and cut their learning rate tenfold) while they were still learning.
+  embedded runs back (cutting their learning rate tenfold) and ended one that had no checkpoint.
   """
 
   def __init__(self, spike_factor: float, window: int, patience: int = 3,
@@ -113,8 +113,8 @@ class DivergenceMonitor:
       if loss > max(self.spike_factor * mean, mean + self.min_increase):
         self.streak += 1
         if self.streak >= self.patience:
-          return (f'loss {loss:.4g} > {self.spike_factor} x running mean {mean:.4g} for '
-                  f'{self.streak} steps in a row')
+          return (f'loss {loss:.4g} > {self.spike_factor} x running mean {mean:.4g} (and > mean '
+                  f'+ {self.min_increase}) for {self.streak} steps in a row')
         return None
     self.streak = 0
     self.recent.append(loss)
