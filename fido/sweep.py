@@ -30,6 +30,8 @@ and writes into `workdir`:
                            skipped, so an interrupted sweep resumes; one made from a different
                            config is refused.
   runs/<run>[-seed<s>]/...  the training workdir (checkpoints, metrics.jsonl) when training
+  jax_cache/               when training (and no JAX_COMPILATION_CACHE_DIR is set): compiled
+                           programs, so that a run's later seeds do not compile again
   results.jsonl            one line per run and seed (result.json without the config)
   results.md               the paper-layout speed table with ratios to the first row, and exact
                            match per seed with mean ± std (fido/sweep_report.py)
@@ -241,6 +243,9 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str | None = None, *,
   modes = parse_modes(sweep.modes)
   runs = expand_runs(sweep, modes)
   os.makedirs(os.path.join(workdir, 'runs'), exist_ok=True)
+  if 'train' in modes and not jax.config.jax_compilation_cache_dir:
+    # A run's seeds compile the same programs (the seed is an input): compile them once.
+    jax.config.update('jax_compilation_cache_dir', os.path.join(workdir, 'jax_cache'))
   results, trained = [], {}   # trained: training fingerprint -> (run name, train result)
   benched = {}                # run name -> its bench fields (a benchmark does not depend on the seed)
   for i, run in enumerate(runs):

@@ -122,6 +122,28 @@ def test_train_mode_trains_each_distinct_model_once(tmp_path, monkeypatch):
   assert len(trained) == 2 and len(bench_calls) == 3
 
 
+def test_training_sweeps_cache_compiled_programs_in_the_workdir(tmp_path, monkeypatch):
+  """Seeds of one run compile the same programs: a training sweep keeps them in workdir/jax_cache
+  unless a cache is already configured (JAX_COMPILATION_CACHE_DIR); a bench sweep never does."""
+  monkeypatch.setattr(bench, 'bench_model', counting_fake_bench([]))
+  monkeypatch.setattr(train_lib, 'run_train', lambda config, workdir: dict(
+      workdir=workdir, step=1, test_exact_match=0.5, test_f1=0.5))
+  configured = jax.config.jax_compilation_cache_dir
+  try:
+    jax.config.update('jax_compilation_cache_dir', None)
+    sweep.run_sweep(sweep_config(tmp_path / 'b', [run('A')]), str(tmp_path / 'b'), verbose=False)
+    assert jax.config.jax_compilation_cache_dir is None
+    config = sweep_config(tmp_path / 't', [run('A')], modes='train', seeds=(0, 1),
+                          base='experiments/embedded.py:fido,smoke')
+    sweep.run_sweep(config, str(tmp_path / 't'), verbose=False)
+    assert jax.config.jax_compilation_cache_dir == str(tmp_path / 't' / 'jax_cache')
+    jax.config.update('jax_compilation_cache_dir', str(tmp_path / 'mine'))
+    sweep.run_sweep(config, str(tmp_path / 't2'), verbose=False)
+    assert jax.config.jax_compilation_cache_dir == str(tmp_path / 'mine')
+  finally:
+    jax.config.update('jax_compilation_cache_dir', configured)
+
+
 def test_seeds_train_every_run_once_per_seed_and_report_mean_and_std(tmp_path, monkeypatch):
   bench_calls, trained = [], []
   monkeypatch.setattr(bench, 'bench_model', counting_fake_bench(bench_calls))
