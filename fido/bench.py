@@ -85,7 +85,6 @@ def fido_calls(config: ml_collections.ConfigDict, batch: int, rng: np.random.Gen
   return (lambda: encode(params, ids, mask)), (lambda: decode(params, enc, enc_mask)), first_call_s
 
 
-_STEP_MODULES = ('self_attention', 'cross_attention', 'mlp')
 REFERENCES = ('', 'hf', 'ct2')
 
 
@@ -99,10 +98,9 @@ def decoder_step_matrices(params) -> list[weights.Matrix]:
   """
   matrices = []
   for module in sorted(params):
-    kind = module.split('/')[-1]
-    if module.split('/')[0] != 'decoder' or kind not in _STEP_MODULES:
+    if module == 'output_projection':  # last, below
       continue
-    for name in weights.step_matrix_names(module):
+    for name in weights.step_matrix_names(module):  # none outside the decoder's step modules
       if name not in params[module]:
         continue
       w, scale = params[module][name], params[module].get(name + weights.SCALE_SUFFIX)

@@ -58,7 +58,7 @@ class Tokenizer:
   def encode_batch(self, texts: list[str]) -> list[list[int]]:
     """Token ids of each text (as `encode`). One call per text: SentencePiece's list call took 2x
     (10 passages) to 4x (1 passage) as long per record (its thread pool, even with num_threads=1)."""
-    return [self._sp.encode(text) for text in texts]
+    return [self.encode(text) for text in texts]
 
   def decode(self, ids: Iterable[int]) -> str:
     """Text of `ids`: stops at the first EOS, drops pad, shows sentinels as `<extra_id_i>`."""
