@@ -7,6 +7,7 @@ A model config is an `ml_collections.ConfigDict`:
     d_model, d_ff, num_heads, d_kv, num_layers
     num_kv_heads                  self-attention key/value heads: num_heads (MHA), 1 (MQ), between (GQA)
     position_bias_init_std        std of the normal init of the stack's relative position bias (1.0)
+    mimetic_qk, mimetic_vo        mimetic init of self-attention (fido.model.attention; 0.0 = T5's)
   model.decoder only:
     cross_num_kv_heads            cross-attention key/value heads (FiDO: 1)
     cross_attention_period        K: decoder layer i (1-based) cross-attends iff i % K == 0 (FiD: 1)
@@ -69,6 +70,8 @@ def stack_config(size: str, num_kv_heads: int | None = None, **overrides: Any) -
   config = ml_collections.ConfigDict(dict(size=size, **dims))
   config.num_kv_heads = config.num_heads if num_kv_heads is None else num_kv_heads
   config.position_bias_init_std = 1.0
+  config.mimetic_qk = 0.0
+  config.mimetic_vo = 0.0
   return config
 
 
@@ -125,6 +128,11 @@ def _validate_stack(stack: ml_collections.ConfigDict, name: str) -> None:
   init_std = stack.get('position_bias_init_std', 1.0)
   _check(isinstance(init_std, (int, float)) and init_std > 0, f'{name}.position_bias_init_std',
          init_std, 'must be a number > 0')
+  mimetic_qk, mimetic_vo = stack.get('mimetic_qk', 0.0), stack.get('mimetic_vo', 0.0)
+  _check(isinstance(mimetic_qk, (int, float)) and mimetic_qk >= 0, f'{name}.mimetic_qk',
+         mimetic_qk, 'must be a number >= 0 (0 = T5 init)')
+  _check(isinstance(mimetic_vo, (int, float)) and 0 <= mimetic_vo <= 1, f'{name}.mimetic_vo',
+         mimetic_vo, 'must be a number in [0, 1] (0 = T5 init)')
   _check(stack.num_heads % stack.num_kv_heads == 0, f'{name}.num_kv_heads', stack.num_kv_heads,
          f'{name}.num_heads={stack.num_heads} must be divisible by it (MHA = num_heads, MQ = 1)')
   if stack.size in SIZES:

@@ -110,6 +110,7 @@ def _stack(size: StackSize) -> ml_collections.ConfigDict:
   stack = ml_collections.ConfigDict(dict(size=name, **size._asdict()))
   stack.num_kv_heads = size.num_heads
   stack.position_bias_init_std = 1.0  # unused: the checkpoint's trained bias is loaded
+  stack.mimetic_qk = stack.mimetic_vo = 0.0  # unused: the trained attention weights are loaded
   return stack
 
 

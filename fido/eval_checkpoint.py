@@ -55,9 +55,10 @@ _LOG = logging.getLogger(__name__)
 SPLITS = ('train', 'dev', 'test')
 # Model fields an evaluation may choose freely: a size label, the compute dtype, dropout (off), the
 # decode step's weight storage (made from the checkpoint's float32 weights at load time).
-# Fields that do not change what a trained checkpoint computes (position_bias_init_std: init only).
-EVAL_FREE_MODEL_FIELDS = ('dropout_rate', 'dtype', 'size', 'position_bias_init_std',
-                          'decoder_weights')
+# Fields that do not change what a trained checkpoint computes (position_bias_init_std and the
+# mimetic fields: init only).
+EVAL_FREE_MODEL_FIELDS = ('dropout_rate', 'dtype', 'size', 'position_bias_init_std', 'mimetic_qk',
+                          'mimetic_vo', 'decoder_weights')
 _METRICS_FILE = re.compile(r'metrics_step(\d+)\.json')
 
 

@@ -215,6 +215,7 @@ def test_model_config_mismatch_names_the_field(tmp_path, config, model, paths, t
   # Init-only and run-only fields may differ: they do not change what the checkpoint computes.
   init_only = ml_collections.ConfigDict(config.model.to_dict())
   init_only.encoder.position_bias_init_std = 4.0
+  init_only.encoder.mimetic_qk = init_only.encoder.mimetic_vo = 0.5
   init_only.dropout_rate = 0.3
   eval_checkpoint.check_model_matches(config.model, init_only, 'checkpoint 1')
 

@@ -53,7 +53,9 @@ class DecoderLayer(hk.Module):
     self.has_cross_attention = has_cross_attention
     self.self_attention_norm = RMSNorm(eps, policy, name='self_attention_norm')
     self.self_attention = Attention(dec.d_model, dec.num_heads, dec.num_kv_heads, dec.d_kv, rate,
-                                    policy, name='self_attention', weights=weights)
+                                    policy, name='self_attention', weights=weights,
+                                    mimetic_qk=dec.get('mimetic_qk', 0.0),
+                                    mimetic_vo=dec.get('mimetic_vo', 0.0))
     if has_cross_attention:
       self.cross_attention_norm = RMSNorm(eps, policy, name='cross_attention_norm')
       self.cross_attention = Attention(dec.d_model, dec.num_heads, dec.cross_num_kv_heads,

@@ -22,7 +22,9 @@ class EncoderLayer(hk.Module):
     self.dropout_rate = config.dropout_rate
     self.self_attention_norm = RMSNorm(eps, policy, name='self_attention_norm')
     self.self_attention = Attention(stack.d_model, stack.num_heads, stack.num_kv_heads, stack.d_kv,
-                                    config.dropout_rate, policy, name='self_attention')
+                                    config.dropout_rate, policy, name='self_attention',
+                                    mimetic_qk=stack.get('mimetic_qk', 0.0),
+                                    mimetic_vo=stack.get('mimetic_vo', 0.0))
     self.mlp_norm = RMSNorm(eps, policy, name='mlp_norm')
     self.mlp = GatedGeluMLP(stack.d_ff, config.dropout_rate, policy, name='mlp')
 
