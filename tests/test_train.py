@@ -2,6 +2,7 @@
 
 import io
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -369,6 +370,18 @@ def test_bad_curriculum_fails_clearly(data_dir, tmp_path, field, value, message)
   config.data.curriculum[field] = value
   with pytest.raises(ValueError, match=message):
     train.run_train(config, str(tmp_path / 'run'))
+
+
+def test_a_curriculum_may_fill_the_run_but_one_cut_short_is_reported(data_dir, caplog):
+  config = curriculum_config(data_dir, steps=4)  # two stages of 2 steps: the run is the curriculum
+  with caplog.at_level(logging.WARNING):
+    stream.validate_curriculum(config)
+  assert not caplog.records
+  assert stream.stage_plan(config) == [(0, 2, '1 passage'), (2, 4, '2 passages')]
+  config.train.steps = 3
+  with caplog.at_level(logging.WARNING):
+    stream.validate_curriculum(config)
+  assert 'add up to 4 > config.train.steps=3: this run ends inside the curriculum' in caplog.text
 
 
 def test_curriculum_is_for_finetuning(data_dir, tmp_path):

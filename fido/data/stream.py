@@ -44,10 +44,12 @@ def validate_curriculum(config: ml_collections.ConfigDict) -> None:
   for field, values in (('n_passages', n_passages), ('steps', steps)):
     if any(not isinstance(v, int) or v < 1 for v in values):
       raise ConfigError(f'config.data.curriculum.{field}={values}: every entry must be an int >= 1')
-  if sum(steps) >= config.train.steps:
-    _LOG.warning('config.data.curriculum.steps=%s add up to %d >= config.train.steps=%d: this '
-                 'run ends before training on config.data.n_passages=%d passages', steps,
-                 sum(steps), config.train.steps, config.data.n_passages)
+  # A curriculum may fill the run exactly (train on its stages, evaluate on data.n_passages); one
+  # longer than the run is cut, which is worth a word.
+  if sum(steps) > config.train.steps:
+    _LOG.warning('config.data.curriculum.steps=%s add up to %d > config.train.steps=%d: this '
+                 'run ends inside the curriculum, before training on config.data.n_passages=%d '
+                 'passages', steps, sum(steps), config.train.steps, config.data.n_passages)
 
 
 def data_stage(config: ml_collections.ConfigDict, step: int) -> int:
