@@ -387,30 +387,31 @@ def test_position_bias_init_std_is_per_stack_and_validated():
 def test_mimetic_init_ties_key_to_query_and_output_to_minus_value(num_kv_heads):
   from fido.config import ConfigError, validate_model_config  # pylint: disable=g-import-not-at-top
   from fido.model.fid import init_params  # pylint: disable=g-import-not-at-top
-  config = model_config('micro')  # 4 heads of 16, width 64
+  config = model_config('micro')  # 4 heads of 16, width 64, in both stacks
   config.encoder.update(num_kv_heads=num_kv_heads, mimetic_qk=1.0, mimetic_vo=0.6)
+  config.decoder.update(num_kv_heads=num_kv_heads, mimetic_qk=1.0, mimetic_vo=0.6)
   params = init_params(make_model(config), jax.random.PRNGKey(0))
-  attention = params['encoder/~/layer_00/~/self_attention']
-  q, k, v, o = (np.asarray(attention[n]) for n in ('query', 'key', 'value', 'output'))
-  d, h, e = q.shape
-  # The key is each group's first query head at the key's T5 scale (std D^-1/2).
-  first_heads = q.reshape(d, num_kv_heads, h // num_kv_heads, e)[:, :, 0]
-  np.testing.assert_allclose(k.reshape(first_heads.shape), e**0.5 * first_heads, rtol=1e-6)
-  np.testing.assert_allclose(np.std(k), d**-0.5, rtol=0.15)
-  # So in every key/value group a token's logit is largest against itself.
-  x = np.random.default_rng(0).normal(size=(16, d))
-  q_x = np.einsum('td,dke->kte', x, q[:, ::h // num_kv_heads])
-  k_x = np.einsum('sd,dke->kse', x, k.reshape(d, num_kv_heads, e))
-  logits = np.einsum('kte,kse->kts', q_x, k_x)
-  assert (np.argmax(logits, axis=-1) == np.arange(16)).mean() > 0.9
-  # W_v W_o over the heads ~ -0.6 I (H E = D): its diagonal, not its off-diagonal, is large.
-  v_heads = np.repeat(v.reshape(d, num_kv_heads, e), h // num_kv_heads, axis=1)
-  vo = np.einsum('dhe,hef->df', v_heads, o)
-  np.testing.assert_allclose(np.diag(vo).mean(), -0.6, atol=0.1)
-  assert np.abs(vo - np.diag(np.diag(vo))).mean() < 0.2
-  # The decoder and the other layers' attention keep T5's independent draws.
-  decoder = params['decoder/~/layer_00/~/self_attention']
-  assert abs(np.corrcoef(decoder['key'].ravel(), decoder['query'].ravel())[0, 1]) < 0.1
+  for stack in ('encoder', 'decoder'):
+    attention = params[f'{stack}/~/layer_01/~/self_attention']
+    q, k, v, o = (np.asarray(attention[n]) for n in ('query', 'key', 'value', 'output'))
+    d, h, e = q.shape
+    g = h // num_kv_heads
+    # The key is each group's first query head at the key's T5 scale (std D^-1/2).
+    first_heads = q.reshape(d, num_kv_heads, g, e)[:, :, 0]
+    np.testing.assert_allclose(k.reshape(first_heads.shape), e**0.5 * first_heads, rtol=1e-6)
+    np.testing.assert_allclose(np.std(k), d**-0.5, rtol=0.15)
+    # So in every key/value group a token's logit is largest against itself.
+    x = np.random.default_rng(0).normal(size=(16, d))
+    logits = np.einsum('kte,kse->kts', np.einsum('td,dke->kte', x, first_heads),
+                       np.einsum('sd,dke->kse', x, k.reshape(d, num_kv_heads, e)))
+    assert (np.argmax(logits, axis=-1) == np.arange(16)).mean() > 0.9, stack
+    # W_v W_o over the heads ~ -0.6 I (H E = D): its diagonal, not its off-diagonal, is large.
+    vo = np.einsum('dhe,hef->df', np.repeat(v.reshape(d, num_kv_heads, e), g, axis=1), o)
+    np.testing.assert_allclose(np.diag(vo).mean(), -0.6, atol=0.1)
+    assert np.abs(vo - np.diag(np.diag(vo))).mean() < 0.2, stack
+  # Cross-attention keeps T5's independent draws (its queries and keys read different streams).
+  cross = params['decoder/~/layer_00/~/cross_attention']
+  assert abs(np.corrcoef(cross['key'].ravel(), cross['query'].ravel())[0, 1]) < 0.1
   config.encoder.mimetic_vo = 1.5
   with pytest.raises(ConfigError, match=r'encoder\.mimetic_vo=1\.5'):
     validate_model_config(config)
@@ -425,8 +426,9 @@ def test_mimetic_init_is_off_by_default_and_changes_only_the_initial_values():
   assert config.encoder.mimetic_qk == config.encoder.mimetic_vo == 0.0
   model = make_model(config)
   params = init_params(model, jax.random.PRNGKey(0))
-  attention = params['encoder/~/layer_00/~/self_attention']
-  assert abs(np.corrcoef(attention['key'].ravel(), attention['query'].ravel()[:4096])[0, 1]) < 0.1
+  for stack in ('encoder', 'decoder'):
+    attention = params[f'{stack}/~/layer_00/~/self_attention']
+    assert abs(np.corrcoef(attention['key'].ravel(), attention['query'].ravel())[0, 1]) < 0.1
   # The same parameters compute the same function whatever the init fields say.
   config.encoder.update(mimetic_qk=1.0, mimetic_vo=0.5)
   ids, mask, targets = random_batch()
